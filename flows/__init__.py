@@ -1,0 +1,1 @@
+"""Prefect flows: `tlcm` runs any subset of the stages; deployments are declared in deploy/prefect.yaml."""

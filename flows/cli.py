@@ -1,0 +1,197 @@
+"""The `tlcm` command.
+
+  tlcm distill --config toy                 run every stage of a preset (in process, ephemeral Prefect)
+  tlcm eval --config toy --lora none --steps 1,2,4,25 --json
+  tlcm artifacts ls|show --store URL [--json]
+  tlcm toy-teacher [--out DIR]              retrain the shipped toy teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="toy", help="preset name (toy, toy-fast, sdxl, sd15) or a YAML path")
+    p.add_argument("--store", default=None, help="artifact store URL: a folder or s3://bucket/prefix "
+                   "(default: the config's store.url)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set mlcd.lr=2e-4 (repeatable)")
+
+
+def _load(args):
+    from flows.tlcm import resolve_config
+
+    return resolve_config(args.config, args.store, args.overrides)
+
+
+def cmd_distill(args) -> int:
+    cfg = _load(args)  # validate before Prefect starts
+    from tlcm_core.pipeline import plan
+
+    p = plan(cfg)
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    for s in (stages or []) + (args.force or []):
+        if s not in p.stages:
+            raise SystemExit(f"error: stage {s!r} is not part of this pipeline; its stages: {', '.join(p.stages)}")
+    from flows.tlcm import tlcm
+
+    results = tlcm(config=cfg.model_dump(mode="json"), stages=stages, force=args.force or None,
+                   bars=sys.stderr.isatty() or args.progress)
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+    else:
+        for r in results:
+            print(f"{r['stage']:>22}: {'cache hit' if r['cached'] else 'computed '}  {r['uri']}")
+        ev = next((r for r in results if r["stage"] == "evaluate"), None)
+        if ev:
+            from tlcm_core.evaluate import markdown_table
+
+            print(markdown_table(ev["summary"]["rows"]))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tlcm_core.evaluate import evaluate_rows, markdown_table
+    from tlcm_core.lora import check_lora
+    from tlcm_core.models import setup_threads, teacher_identity
+    from tlcm_core.progress import Reporter
+
+    if args.samples:
+        args.overrides.append(f"evaluate.num_samples={args.samples}")
+    if args.sampler:
+        args.overrides.append(f"evaluate.sampler={args.sampler}")
+    cfg = _load(args)
+    setup_threads(cfg.compute)
+    steps = [int(s) for s in args.steps.split(",")]
+    lora = None
+    if args.lora != "none":
+        lora, metadata, where = read_lora_file(args.lora)
+        check_lora(lora, metadata, cfg.lora, teacher_identity(cfg.teacher), where=where)
+    teacher_steps = [int(s) for s in args.teacher_steps.split(",")] if args.teacher_steps else None
+    rows = evaluate_rows(cfg, lora, steps, Reporter(bars=not args.json and sys.stderr.isatty()),
+                         include_teacher_steps=teacher_steps)
+    print(json.dumps(rows, indent=2) if args.json else markdown_table(rows))
+    return 0
+
+
+def read_lora_file(ref: str) -> tuple[dict, dict, str]:
+    """(tensors, metadata, url) of a LoRA given as a .safetensors path/URL or an artifact folder URI."""
+    import fsspec
+    from safetensors.torch import load
+
+    url = ref if ref.endswith(".safetensors") else ref.rstrip("/") + "/lora.safetensors"
+    try:
+        with fsspec.open(url, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise SystemExit(f"error: no LoRA at {url}") from None
+    try:
+        tensors = load(raw)
+        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    except Exception as e:
+        raise SystemExit(f"error: {url} is not a readable safetensors file ({e})") from None
+    return tensors, header.get("__metadata__", {}), url
+
+
+def cmd_artifacts(args) -> int:
+    from tlcm_core.store import ArtifactStore
+
+    url = args.store or _load(args).store.url
+    store = ArtifactStore(url)
+    if args.action == "ls":
+        ms = store.list()
+        if args.json:
+            print(json.dumps([m.model_dump(mode="json") | {"uri": store.artifact(m.stage, m.fingerprint).uri}
+                              for m in ms], indent=2, default=str))
+        else:
+            for m in ms:
+                size = sum(f.size for f in m.files.values())
+                print(f"{m.stage:>22}  {m.fingerprint}  {m.created:%Y-%m-%d %H:%M}  {size / 1e6:9.2f} MB  "
+                      f"{store.artifact(m.stage, m.fingerprint).uri}")
+            if not ms:
+                print(f"no complete artifacts under {url}")
+        return 0
+    if not args.uri:
+        raise SystemExit("error: tlcm artifacts show needs an artifact URI (or STAGE/FINGERPRINT)")
+    art = store.open_uri(args.uri) if "/" in args.uri and (args.uri.startswith(url) or "://" in args.uri) \
+        else store.artifact(*args.uri.split("/", 1))
+    m = art.manifest(verify="checksum" if args.verify else "size")
+    print(json.dumps(m.model_dump(mode="json"), indent=2, default=str) if args.json else
+          f"{art.uri}\nstage: {m.stage}\nfingerprint: {m.fingerprint}\ncreated: {m.created}\n"
+          f"inputs: {json.dumps(m.inputs, indent=2)}\nsummary: {json.dumps(m.summary, indent=2, default=str)}\n"
+          f"files: {len(m.files)} ({sum(f.size for f in m.files.values()) / 1e6:.2f} MB)")
+    return 0
+
+
+def cmd_toy_teacher(args) -> int:
+    from tlcm_core.toy.teacher import ToyTeacherSettings, train_toy_teacher
+
+    settings = ToyTeacherSettings(**({"world": args.world} if args.world else {}))
+    if args.steps:
+        settings = settings.model_copy(update={"unet_steps": args.steps})
+    out = train_toy_teacher(settings, args.out, resume=True)
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tlcm", description="Data-free TLCM distillation of latent diffusion models "
+                                 "into few-step LoRAs (a Prefect pipeline of cached artifact stages).")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("distill", help="run the pipeline's stages (cached stages are skipped)")
+    _config_args(d)
+    d.add_argument("--stages", help="comma-separated subset of stages to run (default: the config's)")
+    d.add_argument("--force", action="append", metavar="STAGE", help="recompute STAGE and what depends on it")
+    d.add_argument("--json", action="store_true", help="print the stage results as JSON")
+    d.add_argument("--progress", action="store_true", help="progress bars even without a terminal")
+    d.set_defaults(func=cmd_distill)
+
+    e = sub.add_parser("eval", help="sample the teacher (--lora none) or a student LoRA and print metrics")
+    _config_args(e)
+    e.add_argument("--lora", default="none", help="'none' (the teacher with DDIM + CFG), a lora.safetensors path/URL, "
+                   "or an mlcd/lcd/finetune artifact URI")
+    e.add_argument("--steps", default="1,2,3,4,8", help="comma-separated step counts")
+    e.add_argument("--teacher-steps", default=None, help="also evaluate the teacher at these step counts")
+    e.add_argument("--samples", type=int, default=None, help="samples per row (default evaluate.num_samples)")
+    e.add_argument("--sampler", choices=["renoise", "multistep"], default=None)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    a = sub.add_parser("artifacts", help="list or show artifacts in a store")
+    a.add_argument("action", choices=["ls", "show"])
+    a.add_argument("uri", nargs="?", help="for show: an artifact URI or STAGE/FINGERPRINT")
+    _config_args(a)
+    a.add_argument("--verify", action="store_true", help="for show: verify every file's checksum")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_artifacts)
+
+    t = sub.add_parser("toy-teacher", help="(re)train the toy world's teacher (resumes from checkpoints in --out)")
+    t.add_argument("--out", default="./toy-teacher")
+    t.add_argument("--world", default=None)
+    t.add_argument("--steps", type=int, default=None, help="UNet training steps (default: the shipped settings)")
+    t.set_defaults(func=cmd_toy_teacher)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from tlcm_core.config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

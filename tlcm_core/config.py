@@ -1,0 +1,335 @@
+"""Typed pipeline configuration: pydantic v2 models, YAML presets, `--set a.b=v` overrides.
+
+A config is validated once, before any model is loaded; each stage's resolved slice of it is written into
+the stage's artifact manifest and hashed into its fingerprint (see `tlcm_core.pipeline`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Presets live in the repository's configs/ (the project is installed editable, also in the worker image).
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# The stages in dependency order (DESIGN.md, "The stages").
+STAGES = (
+    "teacher-trajectories",
+    "mlcd",
+    "lcd-trajectories",
+    "lcd",
+    "finetune",
+    "evaluate",
+    "export",
+)
+
+# The official TLCM LoRA target modules (PAPER-NOTES.md, stage 1 settings).
+OFFICIAL_TARGET_MODULES = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field, the value and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(Section):
+    # "toy" (the shipped toy world teacher), a hub id ("stabilityai/stable-diffusion-xl-base-1.0"),
+    # or a local folder / fsspec URL holding a diffusers pipeline.
+    source: str = "toy"
+    revision: str | None = None
+    variant: str | None = None  # e.g. "fp16" for the hub's half-precision weight files
+    resolution: int = Field(32, ge=8, description="image side in pixels the teacher generates")
+
+    @field_validator("source")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("teacher.source must be 'toy', a hub id or a local path")
+        return v
+
+
+class ScheduleConfig(Section):
+    num_train_timesteps: int = Field(1000, ge=10)
+    segments: int = Field(8, ge=1, le=64, description="M, number of consistency segments")
+    skip: int = Field(20, ge=1, description="t_hi - t_lo for MLCD (TLCM eq. 7)")
+    guidance: float = Field(8.0, ge=0.0, description="teacher CFG scale w (eq. 8)")
+    solver: Literal["ddim"] = "ddim"
+
+    @model_validator(mode="after")
+    def _skip_fits(self) -> ScheduleConfig:
+        seg = self.num_train_timesteps // self.segments
+        if self.skip > seg:
+            raise ValueError(
+                f"schedule.skip={self.skip} is larger than one segment ({self.num_train_timesteps}"
+                f"/{self.segments}={seg} timesteps); use skip <= {seg} or fewer segments"
+            )
+        return self
+
+
+class LoRAConfig(Section):
+    rank: int = Field(64, ge=1, le=1024)
+    alpha: float = Field(8.0, gt=0)  # PEFT's default lora_alpha, as the official release
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(OFFICIAL_TARGET_MODULES), min_length=1)
+
+
+class StoreConfig(Section):
+    url: str = "./tlcm-artifacts"
+    # s3fs options (endpoint_url, key, ...). Prefer the standard AWS_* environment variables for credentials:
+    # anything written here ends up in the resolved config.
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    verify: Literal["size", "checksum"] = "checksum"
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in ("secret", "key", "token", "aws_secret_access_key", "aws_access_key_id"):
+            if key in v:
+                raise ValueError(
+                    f"store.storage_options.{key}: credentials do not belong in a config (it is written into every "
+                    "manifest); set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment or a Prefect block"
+                )
+        return v
+
+
+class ComputeConfig(Section):
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # training/inference autocast dtype on GPU
+    seed: int = Field(0, ge=0)
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; None keeps torch's")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "mps", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError(f"compute.device={v!r}; allowed: auto, cpu, mps, cuda, cuda:N")
+        return v
+
+
+class TrajectoriesConfig(Section):
+    # "toy" uses the toy world's prompt list; otherwise an fsspec URL/path to a UTF-8 text file, one prompt a line.
+    prompts: str = "toy"
+    num_samples: int = Field(4096, ge=1)
+    shard_size: int = Field(256, ge=1, description="samples per shard = zarr chunk rows")
+    batch_size: int = Field(64, ge=1)
+    mds: bool = True  # Algorithm 1; False = a single teacher DDIM step from noise to t_hi (the paper's ablation)
+    storage_dtype: Literal["float32", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _shards(self) -> TrajectoriesConfig:
+        if self.shard_size > self.num_samples:
+            self.shard_size = self.num_samples
+        return self
+
+
+class TrainerConfig(Section):
+    iterations: int = Field(1000, ge=1)
+    lr: float = Field(1e-4, gt=0, le=1.0)
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    warmup: int = Field(0, ge=0)
+    distance: Literal["mse", "huber", "latent-lpips"] = "mse"
+    huber_c: float = Field(0.001, gt=0)
+    checkpoint_every: int = Field(200, ge=1)
+    log_every: int = Field(20, ge=1)
+    prefetch: int = Field(4, ge=0, description="batches read ahead from the trajectory store")
+
+
+class MLCDConfig(TrainerConfig):
+    pass
+
+
+class LCDTrajectoriesConfig(Section):
+    num_samples: int = Field(2048, ge=1)
+    shard_size: int = Field(256, ge=1)
+    batch_size: int = Field(64, ge=1)
+    q: int = Field(4, ge=1, le=8, description="student sampler steps for clean latents (Algorithm 2)")
+    p: int = Field(3, ge=1, le=4, description="teacher CFG-DDIM steps per milestone interval")
+
+
+class LCDConfig(TrainerConfig):
+    iterations: int = 2000
+    lr: float = 1e-5
+
+
+class FinetuneConfig(TrainerConfig):
+    iterations: int = 500
+    lr: float = 1e-5
+    reward_weight: float = Field(0.0, ge=0)
+    reward_margin: float = 16.0
+    dmd_weight: float = Field(0.0, ge=0)
+    gan_weight: float = Field(0.0, ge=0)
+    discriminator_lr: float = Field(1e-4, gt=0)
+    fake_score_lr: float = Field(1e-5, gt=0)
+    fake_updates_per_step: int = Field(1, ge=1)
+
+
+class EvaluateConfig(Section):
+    steps: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 8])
+    teacher_steps: list[int] = Field(default_factory=lambda: [25])
+    num_samples: int = Field(256, ge=1)
+    batch_size: int = Field(64, ge=1)
+    sampler: Literal["renoise", "multistep"] = "renoise"
+    seed: int = Field(1234, ge=0)
+    grid_size: int = Field(16, ge=0, description="images in the sample grid per step count (0: none)")
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[int]) -> list[int]:
+        bad = [s for s in v if not 1 <= s <= 64]
+        if bad or not v:
+            raise ValueError(f"evaluate.steps={v}: each step count must be in 1..64")
+        return v
+
+
+class ExportConfig(Section):
+    formats: list[Literal["diffusers", "kohya", "peft"]] = Field(default_factory=lambda: ["diffusers"])
+
+
+class PipelineConfig(Section):
+    name: str = "custom"
+    stages: list[str] = Field(default_factory=lambda: ["teacher-trajectories", "mlcd", "evaluate"])
+    dispatch: Literal["local", "deployments"] = "local"
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    trajectories: TrajectoriesConfig = Field(default_factory=TrajectoriesConfig)
+    mlcd: MLCDConfig = Field(default_factory=MLCDConfig)
+    lcd_trajectories: LCDTrajectoriesConfig = Field(default_factory=LCDTrajectoriesConfig)
+    lcd: LCDConfig = Field(default_factory=LCDConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, v: list[str]) -> list[str]:
+        unknown = [s for s in v if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; known stages: {', '.join(STAGES)}")
+        # keep dependency order whatever order the user wrote
+        return [s for s in STAGES if s in v]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        parent = _resolve_source(str(base), relative_to=path.parent)
+        return _deep_merge(_read_yaml(parent), data)
+    return data
+
+
+def _resolve_source(name_or_path: str, relative_to: Path | None = None) -> Path:
+    candidate = Path(name_or_path)
+    if relative_to is not None and not candidate.is_absolute() and (relative_to / candidate).is_file():
+        return relative_to / candidate
+    if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
+        if not candidate.is_file():
+            raise ConfigError(f"config file {name_or_path!r} not found")
+        return candidate
+    preset = PRESETS_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(
+        f"config {name_or_path!r} is neither a preset ({', '.join(preset_names())}) nor an existing YAML file"
+    )
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`mlcd.lr=2e-4` -> (["mlcd", "lr"], 2e-4). Values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.field=value, e.g. mlcd.lr=2e-4")
+    key, raw = item.split("=", 1)
+    path = [p.replace("-", "_") for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = data
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (value {e.get('input')!r}); check the spelling against configs/")
+        else:
+            lines.append(f"  {loc} = {e.get('input')!r}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def load_config(name_or_path: str = "toy", overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a preset name or YAML path, apply `section.field=value` overrides, validate."""
+    path = _resolve_source(name_or_path)
+    data = apply_overrides(_read_yaml(path), overrides)
+    data.setdefault("name", path.stem)
+    return validate_config(data, source=f"{path}" + (f" with overrides {overrides}" if overrides else ""))
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,214 @@
+"""Stage `evaluate` and `tlcm eval`: few-step student sampling vs the teacher's DDIM + CFG, measured.
+
+Rows have one shape for teacher and student: method, steps, prompt_accuracy, frechet, seconds_per_image,
+plus a 95% interval for accuracy. In the toy world the metrics come from the shipped toy evaluator; for
+real teachers the field's metrics (CLIP score, aesthetic, ImageReward, FID) plug in here.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+
+import numpy as np
+import torch
+
+from .config import PipelineConfig
+from .lora import check_lora, load_lora_into
+from .models import (Denoiser, decode_latents, encode_prompts, latent_shape, load_pipeline, resolve_device,
+                     resolve_dtype, teacher_identity)
+from .progress import Reporter
+from .samplers import ddim_sample, student_x0_fn, teacher_x0_fn, tlcm_sample
+from .schedule import NoiseSchedule, ddim_timesteps, milestones, sampler_timesteps
+
+
+def toy_world_of(cfg: PipelineConfig) -> str | None:
+    src = cfg.teacher.source
+    if src == "toy":
+        return "toy"
+    if src.startswith("toy:"):
+        return src.split(":", 1)[1]
+    return None
+
+
+def eval_prompts(cfg: PipelineConfig) -> list[str]:
+    from .prompts import load_prompts
+
+    world = toy_world_of(cfg)
+    return load_prompts(f"toy:{world}" if world else cfg.trajectories.prompts)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion k/n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def eval_noise(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """The same starting noise for every method and step count (so they can be compared sample by sample)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *shape), generator=g)
+
+
+class Sampler:
+    """Teacher DDIM+CFG or student TLCM sampling on a loaded pipeline, in batches, timed."""
+
+    def __init__(self, cfg: PipelineConfig, pipe, lora: dict | None):
+        self.cfg, self.pipe = cfg, pipe
+        self.schedule = NoiseSchedule.from_config(dict(pipe.scheduler.config))
+        self.device = pipe.unet.device
+        self.prompts = eval_prompts(cfg)
+        self.cond, self.uncond = encode_prompts(pipe, self.prompts, cfg.teacher.resolution)
+        self.shape = latent_shape(pipe, cfg.teacher.resolution)
+        self.student = lora is not None
+        if lora is not None:
+            load_lora_into(pipe.unet, lora, cfg.lora)
+        self.denoiser = Denoiser(pipe.unet, self.schedule)
+
+    @torch.no_grad()
+    def sample(self, steps: int, n: int, seed: int, batch_size: int, mode: str = "renoise",
+               progress=None) -> tuple[torch.Tensor, list[str], float]:
+        """Images in [0, 1] for prompts i % P, their prompts, and the UNet+VAE seconds per image."""
+        noise = eval_noise(n, self.shape, seed)
+        bounds = milestones(self.schedule.T, self.cfg.schedule.segments)
+        images, prompts, seconds = [], [], 0.0
+        dtype = self.pipe.unet.dtype
+        for i in range(0, n, batch_size):
+            idx = torch.arange(i, min(i + batch_size, n))
+            pidx = idx % len(self.prompts)
+            cond = self.cond[pidx.to(self.cond.prompt_embeds.device)].to(self.device, dtype)
+            x_T = noise[idx].to(self.device, dtype)
+            t0 = time.perf_counter()
+            if self.student:
+                g = torch.Generator().manual_seed(seed * 7 + i)
+                x0 = tlcm_sample(student_x0_fn(self.denoiser, cond), x_T, sampler_timesteps(steps, bounds),
+                                 self.schedule, mode=mode, generator=g)
+            else:
+                unc = self.uncond.to(self.device, dtype)
+                x0 = ddim_sample(teacher_x0_fn(self.denoiser, cond, unc, self.cfg.schedule.guidance), x_T,
+                                 ddim_timesteps(steps, self.schedule.T), self.schedule)
+            img = decode_latents(self.pipe, x0)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - t0
+            images.append(img.cpu())
+            prompts += [self.prompts[j] for j in pidx.tolist()]
+            if progress is not None:
+                progress(min(i + batch_size, n), n)
+        return torch.cat(images), prompts, seconds / n
+
+
+def grid_png(images: torch.Tensor, prompts: list[str] | None = None, cols: int = 8) -> bytes:
+    from PIL import Image
+
+    n = images.shape[0]
+    rows = math.ceil(n / cols)
+    h, w = images.shape[2], images.shape[3]
+    canvas = np.zeros((rows * (h + 2), cols * (w + 2), 3), dtype=np.uint8)
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    for k in range(n):
+        r, c = divmod(k, cols)
+        canvas[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = arr[k]
+    img = Image.fromarray(canvas)
+    if h < 64:  # toy images are tiny: upscale so a person can see them
+        img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ToyMetrics:
+    """Prompt accuracy and Frechet distance with the toy world's shipped evaluator."""
+
+    def __init__(self, world: str, n_real: int, seed: int):
+        from .toy import ToyEvaluator, get_world
+
+        self.evaluator = ToyEvaluator.load(world)
+        real, _ = get_world(world).sample(n_real, seed=seed + 999_983)
+        self.real_features = self._features(real)
+
+    @torch.no_grad()
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.evaluator.features(images[i:i + 256]) for i in range(0, len(images), 256)])
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict:
+        from .toy import frechet_distance
+
+        correct = torch.cat([self.evaluator.correct(images[i:i + 256], prompts[i:i + 256])
+                             for i in range(0, len(images), 256)])
+        k, n = int(correct.sum()), len(correct)
+        lo, hi = wilson_interval(k, n)
+        per_attr = self.evaluator.attribute_accuracy(images, prompts)
+        return {"prompt_accuracy": round(k / n, 4), "accuracy_ci95": [round(lo, 4), round(hi, 4)],
+                "frechet": round(float(frechet_distance(self._features(images), self.real_features)), 2),
+                **{f"acc_{a}": round(float(v), 4) for a, v in per_attr.items()}}
+
+
+def evaluate_rows(cfg: PipelineConfig, lora: dict | None, steps: list[int], reporter: Reporter,
+                  include_teacher_steps: list[int] | None = None, grids: dict | None = None) -> list[dict]:
+    """Rows for the student (lora given) at `steps`, and for the teacher (DDIM + CFG) at `include_teacher_steps`
+    (or at `steps` when lora is None). `grids`, if a dict, receives PNG bytes per row name."""
+    ev = cfg.evaluate
+    device = resolve_device(cfg.compute)
+    pipe = load_pipeline(cfg.teacher, device, resolve_dtype(cfg.compute, device))
+    world = toy_world_of(cfg)
+    metrics = ToyMetrics(world, max(ev.num_samples, 256), ev.seed) if world else None
+    jobs: list[tuple[str, int, dict | None]] = []
+    teacher_steps = steps if lora is None else (include_teacher_steps or [])
+    jobs += [("teacher-ddim-cfg", s, None) for s in teacher_steps]
+    if lora is not None:
+        jobs += [(f"tlcm-{ev.sampler}", s, lora) for s in steps]
+    rows = []
+    samplers: dict[bool, Sampler] = {}
+    for method, n_steps, lo in jobs:
+        key = lo is not None
+        if key not in samplers:
+            if key and False in samplers:  # the teacher's pipeline gets the LoRA: load a fresh one for the student
+                pipe = load_pipeline(cfg.teacher, device, resolve_dtype(cfg.compute, device))
+            samplers[key] = Sampler(cfg, pipe, lo)
+        sampler = samplers[key]
+        name = f"{method}@{n_steps}"
+        images, prompts, spi = sampler.sample(n_steps, ev.num_samples, ev.seed, ev.batch_size, mode=ev.sampler,
+                                              progress=lambda d, t: reporter.progress(f"evaluate {name}", d, t))
+        row = {"method": method, "steps": n_steps, "samples": ev.num_samples, "seconds_per_image": round(spi, 5)}
+        if metrics is not None:
+            row.update(metrics(images, prompts))
+        rows.append(row)
+        if grids is not None and ev.grid_size:
+            grids[name] = grid_png(images[:ev.grid_size], prompts[:ev.grid_size])
+    return rows
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    columns = columns or ["method", "steps", "prompt_accuracy", "accuracy_ci95", "frechet", "seconds_per_image"]
+    columns = [c for c in columns if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def run_evaluate(cfg: PipelineConfig, lora_art, out_art, reporter: Reporter) -> dict:
+    """The `evaluate` stage: student rows for evaluate.steps plus teacher rows for evaluate.teacher_steps."""
+    lora = None
+    if lora_art is not None:
+        lora = lora_art.load_tensors("lora.safetensors")
+        check_lora(lora, lora_art.tensors_metadata("lora.safetensors"), cfg.lora, teacher_identity(cfg.teacher),
+                   where=lora_art.uri)
+    grids: dict[str, bytes] = {}
+    rows = evaluate_rows(cfg, lora, cfg.evaluate.steps, reporter, include_teacher_steps=cfg.evaluate.teacher_steps,
+                         grids=grids)
+    out_art.write_json("metrics.json", rows)
+    out_art.write_bytes("metrics.md", (markdown_table(rows) + "\n").encode())
+    for name, png in grids.items():
+        out_art.write_bytes(f"grids/{name.replace('@', '-')}.png", png)
+        reporter.image(f"grid-{name}", png, description=f"samples: {name}")
+    reporter.table("metrics", rows, description=f"evaluate ({lora_art.uri if lora_art else 'teacher only'})")
+    return {"rows": rows}
