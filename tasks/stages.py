@@ -61,11 +61,12 @@ class PrefectReporter(Reporter):
 
 
 @task(name="stage", task_run_name="{stage}", log_prints=True)
-def stage_task(stage: str, config: dict, force: bool = False, bars: bool = False):
-    """Run (or find cached) one stage; returns {stage, uri, fingerprint, cached, summary}."""
+def stage_task(stage: str, config: dict, force: bool = False, bars: bool = False, shards: list[int] | None = None):
+    """Run (or find cached) one stage; returns {stage, uri, fingerprint, cached, summary}.
+    With `shards`, compute only those shards of a sharded stage (no commit)."""
     cfg: PipelineConfig = validate_config(config, source="flow parameter")
     reporter = PrefectReporter(bars=bars)
-    result = run_stage(cfg, stage, reporter=reporter, force=force)
+    result = run_stage(cfg, stage, reporter=reporter, force=force, shards=shards)
     out = result.as_dict()
     create_link_artifact(result.uri if "://" in result.uri else f"file://{result.uri}", link_text=result.uri,
                          key=_key(f"artifact-{stage}"), description=f"{stage} artifact ({'cache hit' if result.cached else 'computed'})")

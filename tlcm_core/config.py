@@ -202,7 +202,9 @@ class ExportConfig(Section):
 class PipelineConfig(Section):
     name: str = "custom"
     stages: list[str] = Field(default_factory=lambda: ["teacher-trajectories", "mlcd", "evaluate"])
+    # local: every stage in this process; deployments: each stage as its own `tlcm/<stage>` deployment run
     dispatch: Literal["local", "deployments"] = "local"
+    shard_runs: int = Field(1, ge=1, le=256, description="with dispatch=deployments: parallel trajectory shard runs")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)

@@ -230,16 +230,27 @@ def load_unet(teacher: TeacherConfig, device: torch.device, dtype: torch.dtype =
     """The teacher's UNet alone (the student starts from it; MLCD loads nothing else)."""
     from diffusers import UNet2DConditionModel
 
+    quiet_hub_logging()
     src = resolve_teacher_source(teacher)
     unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", revision=teacher.revision,
                                                 variant=teacher.variant, dtype=dtype)
     return unet.to(device).eval().requires_grad_(False)
 
 
+def quiet_hub_logging() -> None:
+    """Loading bars of diffusers/transformers say nothing useful in a pipeline log."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_pipeline(teacher: TeacherConfig, device: torch.device, dtype: torch.dtype = torch.float32):
     """The whole diffusers pipeline (text encoders, VAE, UNet); SDXL or SD 1.x/2.x."""
     from diffusers import DiffusionPipeline
 
+    quiet_hub_logging()
     src = check_teacher(teacher)
     pipe = DiffusionPipeline.from_pretrained(src, revision=teacher.revision, variant=teacher.variant,
                                              dtype=dtype)

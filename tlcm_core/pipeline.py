@@ -102,6 +102,23 @@ SPECS: dict[str, StageSpec] = {
 }
 
 
+def _run_trajectory_shards(cfg, inputs, out, reporter, shards):
+    from .trajectories import run_teacher_trajectories
+
+    return run_teacher_trajectories(cfg, out, reporter, shards=shards)
+
+
+# Stages whose work splits into shards that several workers can fill at once.
+SHARDED: dict[str, Callable[..., dict]] = {"teacher-trajectories": _run_trajectory_shards}
+
+
+def num_shards(cfg: PipelineConfig, name: str) -> int:
+    if name == "teacher-trajectories":
+        t = cfg.trajectories
+        return -(-t.num_samples // t.shard_size)
+    raise ValueError(f"stage {name!r} is not sharded")
+
+
 def implemented_stages() -> list[str]:
     return [s for s in STAGES if s in SPECS]
 
@@ -188,8 +205,12 @@ def stage_inputs(cfg: PipelineConfig, store: ArtifactStore, name: str, p: Plan |
 
 
 def run_stage(cfg: PipelineConfig, name: str, store: ArtifactStore | None = None, reporter: Reporter | None = None,
-              force: bool = False, p: Plan | None = None) -> StageResult:
-    """Run one stage unless its artifact is complete (a cache hit). A corrupt artifact is reported, never used."""
+              force: bool = False, p: Plan | None = None, shards: list[int] | None = None) -> StageResult:
+    """Run one stage unless its artifact is complete (a cache hit). A corrupt artifact is reported, never used.
+
+    `shards` (sharded stages only) computes just those shards and does not commit: several workers can fill
+    one artifact in parallel, and a final call without `shards` fills any gap and commits.
+    """
     store = store or open_store(cfg)
     reporter = reporter or Reporter()
     p = p or plan(cfg)
@@ -207,6 +228,12 @@ def run_stage(cfg: PipelineConfig, name: str, store: ArtifactStore | None = None
         art.discard()
         reporter.log(f"{name}: --force: discarded {art.uri}")
     inputs = stage_inputs(cfg, store, name, p)
+    if shards is not None:
+        if name not in SHARDED:
+            raise ValueError(f"stage {name!r} is not sharded; only {', '.join(SHARDED)} take shards")
+        reporter.log(f"{name}: computing shards {shards} of {art.uri}")
+        summary = SHARDED[name](cfg, inputs, art, reporter, shards)
+        return StageResult(name, art.uri, ps.fingerprint, False, summary)
     reporter.log(f"{name}: computing {art.uri}")
     summary = SPECS[name].run(cfg, inputs, art, reporter)
     art.commit(version=ps.version, config=ps.config, inputs={k: a.uri for k, a in inputs.items()}, summary=summary)

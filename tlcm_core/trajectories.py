@@ -163,8 +163,9 @@ def run_teacher_trajectories(cfg: PipelineConfig, art, reporter: Reporter, shard
     ranges = shard_ranges(cfg.trajectories.num_samples, cfg.trajectories.shard_size)
     todo = [i for i in (shards if shards is not None else range(len(ranges))) if not art.is_done(f"shard-{i:05d}")]
     total = len(ranges)
-    if not todo and art.is_done("text"):
-        return {"num_samples": cfg.trajectories.num_samples, "num_shards": total, "num_prompts": len(prompts)}
+    if not todo and art.is_done("text"):  # every shard is there (e.g. filled by other workers): no teacher needed
+        return {"num_samples": cfg.trajectories.num_samples, "num_shards": total, "num_prompts": len(prompts),
+                "latent_shape": list(art.open_array("x_hi").shape[1:])}
     pipe = load_pipeline(cfg.teacher, device, resolve_dtype(cfg.compute, device))
     from .models import check_prompts
 
