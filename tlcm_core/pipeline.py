@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import STAGES, PipelineConfig
+from .lease import artifact_lease
 from .progress import Reporter
 from .store import ArtifactStore, CorruptArtifactError, IncompleteArtifactError, fingerprint
 
@@ -234,9 +235,16 @@ def run_stage(cfg: PipelineConfig, name: str, store: ArtifactStore | None = None
         reporter.log(f"{name}: computing shards {shards} of {art.uri}")
         summary = SHARDED[name](cfg, inputs, art, reporter, shards)
         return StageResult(name, art.uri, ps.fingerprint, False, summary)
-    reporter.log(f"{name}: computing {art.uri}")
-    summary = SPECS[name].run(cfg, inputs, art, reporter)
-    art.commit(version=ps.version, config=ps.config, inputs={k: a.uri for k, a in inputs.items()}, summary=summary)
+    # one worker computes; a concurrent run of the same stage and fingerprint waits and reuses its result
+    with artifact_lease(art, done=art.exists, log=reporter.log) as mine:
+        if not mine:
+            m = art.manifest(verify=cfg.store.verify)
+            reporter.log(f"{name}: computed meanwhile by another worker: cache hit {art.uri}")
+            return StageResult(name, art.uri, ps.fingerprint, True, m.summary)
+        reporter.log(f"{name}: computing {art.uri}")
+        summary = SPECS[name].run(cfg, inputs, art, reporter)
+        art.commit(version=ps.version, config=ps.config, inputs={k: a.uri for k, a in inputs.items()},
+                   summary=summary)
     reporter.log(f"{name}: committed {art.uri}")
     return StageResult(name, art.uri, ps.fingerprint, False, summary)
 
