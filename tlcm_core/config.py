@@ -107,6 +107,8 @@ class ComputeConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # training/inference autocast dtype on GPU
     seed: int = Field(0, ge=0)
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; None keeps torch's")
+    # training stages run data-parallel in this many processes (accelerate: one per GPU; gloo on CPU)
+    num_processes: int = Field(1, ge=1, le=64)
 
     @field_validator("device")
     @classmethod

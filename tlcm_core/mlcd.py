@@ -33,9 +33,17 @@ def mlcd_loss(student: Denoiser, batch: Batch, distance) -> torch.Tensor:
 
 def train_consistency_stage(cfg: PipelineConfig, tcfg: TrainerConfig, *, name: str, pairs_art, out_art,
                             loss: str, reporter: Reporter, init_lora: dict | None = None,
-                            latent_lpips=None) -> dict:
-    """Shared by MLCD and LCD: build the student, train from cached pairs, write lora.safetensors + train_log."""
-    device = resolve_device(cfg.compute)
+                            latent_lpips=None, accelerator=None) -> dict:
+    """Shared by MLCD and LCD: build the student, train from cached pairs, write lora.safetensors + train_log.
+
+    With compute.num_processes > 1 (and no accelerator yet) the training runs under `accelerate launch` in
+    that many processes (tlcm_core.distributed) and this process only waits for it.
+    """
+    if cfg.compute.num_processes > 1 and accelerator is None:
+        from .distributed import launch_training
+
+        return launch_training(cfg, name=name, pairs_art=pairs_art, out_art=out_art, loss=loss)
+    device = accelerator.device if accelerator is not None else resolve_device(cfg.compute)
     schedule = load_schedule(cfg.teacher)
     unet = load_unet(cfg.teacher, device, torch.float32)
     if init_lora is not None:
@@ -44,18 +52,24 @@ def train_consistency_stage(cfg: PipelineConfig, tcfg: TrainerConfig, *, name: s
         attach_lora(unet, cfg.lora)
     unet.train()
     params = lora_parameters(unet)
-    student = Denoiser(unet, schedule)
     distance = make_distance(tcfg.distance, tcfg.huber_c, latent_lpips)
     data = PairBatches(pairs_art, tcfg.batch_size, seed=cfg.compute.seed, prefetch=tcfg.prefetch)
-    loss_fn = {"mlcd": lambda b: mlcd_loss(student, b, distance)}[loss]
+    losses = {"mlcd": mlcd_loss}
+    if loss not in losses:
+        raise ValueError(f"unknown consistency loss {loss!r}")
+
+    def loss_fn(model, batch):
+        return losses[loss](Denoiser(model, schedule), batch, distance)
 
     def set_lora(sd):
         load_lora_into(unet, sd, cfg.lora)
 
     torch.manual_seed(cfg.compute.seed)
-    result = train_loop(tcfg, name=name, params=params, loss_fn=loss_fn, batches=data.batches_from,
+    result = train_loop(tcfg, name=name, model=unet, params=params, loss_fn=loss_fn, batches=data.batches_from,
                         get_lora=lambda: lora_state_dict(unet), set_lora=set_lora, ckpt=Checkpointer(out_art),
-                        reporter=reporter, device=device, dtype=cfg.compute.dtype)
+                        reporter=reporter, device=device, dtype=cfg.compute.dtype, accelerator=accelerator)
+    if accelerator is not None and not accelerator.is_main_process:
+        return {}
     out_art.save_tensors("lora.safetensors", result.lora, metadata=lora_metadata(cfg.lora, teacher_identity(cfg.teacher)))
     out_art.write_bytes("train_log.jsonl", "".join(json.dumps(r) + "\n" for r in result.log).encode())
     reporter.table(f"{name}-loss", result.log, description=f"{name} training loss")

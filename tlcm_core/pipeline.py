@@ -56,7 +56,8 @@ def _trainer_config(section: str) -> Callable[[PipelineConfig], dict]:
         for k in ("log_every", "prefetch"):  # bookkeeping that does not change the weights
             tcfg.pop(k, None)
         return {section: tcfg, "lora": cfg.lora.model_dump(mode="json"), "seed": cfg.compute.seed,
-                "dtype": cfg.compute.dtype, "schedule": cfg.schedule.model_dump(mode="json")}
+                "dtype": cfg.compute.dtype, "schedule": cfg.schedule.model_dump(mode="json"),
+                "num_processes": cfg.compute.num_processes}
 
     return f
 

@@ -8,6 +8,7 @@ thread, off the critical path.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import queue
 import threading
@@ -203,15 +204,19 @@ class TrainResult:
     steps_per_second: float
 
 
-def train_loop(cfg: TrainerConfig, *, name: str, params: list[torch.nn.Parameter], loss_fn: Callable[[Batch], torch.Tensor],
-               batches: Callable[[int], Iterator[Batch]], get_lora: Callable[[], dict[str, torch.Tensor]],
-               set_lora: Callable[[dict[str, torch.Tensor]], None], ckpt: Checkpointer, reporter: Reporter,
-               device: torch.device, dtype: str = "float32",
-               on_step: Callable[[int], None] | None = None) -> TrainResult:
+def train_loop(cfg: TrainerConfig, *, name: str, model: torch.nn.Module, params: list[torch.nn.Parameter],
+               loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor], batches: Callable[[int], Iterator[Batch]],
+               get_lora: Callable[[], dict[str, torch.Tensor]], set_lora: Callable[[dict[str, torch.Tensor]], None],
+               ckpt: Checkpointer, reporter: Reporter, device: torch.device, dtype: str = "float32",
+               accelerator=None) -> TrainResult:
     """AdamW over `params` with gradient accumulation, clipping, warmup, logging and resumable checkpoints.
 
-    `batches(k)` must yield the k-th micro-batch onwards; `loss_fn(batch)` returns a scalar loss.
+    `batches(k)` must yield the k-th micro-batch onwards; `loss_fn(model, batch)` returns a scalar loss.
+    With an `accelerator` (several processes), `model` is wrapped for data parallelism, process r takes
+    micro-batches r, r + world, ... of the same deterministic order, and only the main process writes.
     """
+    world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
+    main = rank == 0
     opt = make_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup else 1.0)
     step, log = 0, []
@@ -225,31 +230,37 @@ def train_loop(cfg: TrainerConfig, *, name: str, params: list[torch.nn.Parameter
         sched.last_epoch = step - 1
         reporter.log(f"{name}: resuming from checkpoint step {step}")
     start = step
-    it = batches(step * cfg.grad_accum)
+    if accelerator is not None:
+        model, opt = accelerator.prepare(model, opt)
+    it = itertools.islice(batches(step * cfg.grad_accum * world + rank), 0, None, world)
     t0, window = time.perf_counter(), []
     while step < cfg.iterations:
         for _ in range(cfg.grad_accum):
             batch = next(it).to(device)
             with autocast_for(device, dtype):
-                loss = loss_fn(batch) / cfg.grad_accum
-            loss.backward()
+                loss = loss_fn(model, batch) / cfg.grad_accum
+            accelerator.backward(loss) if accelerator is not None else loss.backward()
             window.append(loss.detach())
         if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # grads are already all-reduced
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        if on_step is not None:
-            on_step(step)
         if step % cfg.log_every == 0 or step == cfg.iterations:
             # one host sync per log interval, not per step
-            value = float(torch.stack(window).sum() / (len(window) / cfg.grad_accum))
-            window = []
+            value = torch.stack(window).sum() / (len(window) / cfg.grad_accum)
+            if accelerator is not None:
+                value = accelerator.reduce(value, reduction="mean")
+            value, window = float(value), []
             log.append({"step": step, "loss": value, "lr": sched.get_last_lr()[0],
                         "elapsed_s": round(time.perf_counter() - t0, 3)})
-            reporter.progress(name, step, cfg.iterations, loss=value)
+            if main:
+                reporter.progress(name, step, cfg.iterations, loss=value)
         if step % cfg.checkpoint_every == 0 and step < cfg.iterations:
-            ckpt.save(step, get_lora(), opt, log)
+            if main:
+                ckpt.save(step, get_lora(), opt, log)
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
     elapsed = time.perf_counter() - t0
     return TrainResult(get_lora(), log, start, (step - start) / elapsed if elapsed > 0 and step > start else 0.0)
