@@ -160,6 +160,13 @@ class LCDTrajectoriesConfig(Section):
     batch_size: int = Field(64, ge=1)
     q: int = Field(4, ge=1, le=8, description="student sampler steps for clean latents (Algorithm 2)")
     p: int = Field(3, ge=1, le=4, description="teacher CFG-DDIM steps per milestone interval")
+    renoise: Literal["same", "fresh"] = "same"  # Algorithm 2 re-noises with the same eps; "fresh" draws anew
+
+    @model_validator(mode="after")
+    def _shards(self) -> LCDTrajectoriesConfig:
+        if self.shard_size > self.num_samples:
+            self.shard_size = self.num_samples
+        return self
 
 
 class LCDConfig(TrainerConfig):

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import Accelerator
 
-    from .mlcd import train_consistency_stage
+    from .consistency import train_consistency_stage
     from .progress import Reporter
     from .store import ArtifactStore
 
@@ -68,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = validate_config(json.load(f), source=args.config)
     store = ArtifactStore(cfg.store.url, cfg.store.storage_options or None)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    init = store.open_uri(args.init_lora).load_tensors("lora.safetensors") if args.init_lora else None
     tcfg = getattr(cfg, args.stage.replace("-", "_"))
     summary = train_consistency_stage(cfg, tcfg, name=args.stage, pairs_art=store.open_uri(args.pairs),
                                       out_art=store.open_uri(args.out), loss=args.loss,
-                                      reporter=Reporter(bars=acc.is_main_process), init_lora=init, accelerator=acc)
+                                      reporter=Reporter(bars=acc.is_main_process), init_lora_uri=args.init_lora,
+                                      accelerator=acc)
     if acc.is_main_process:
         summary["num_processes"] = acc.num_processes
         store.open_uri(args.out).mark_done(f"{args.stage}-train", summary)

@@ -81,6 +81,28 @@ def _run_mlcd(cfg, inputs, out, reporter):
     return run_mlcd(cfg, inputs["pairs"], out, reporter)
 
 
+def _lcd_traj_config(cfg: PipelineConfig) -> dict:
+    from .prompts import load_prompts, prompts_digest
+
+    lc = cfg.lcd_trajectories.model_dump(mode="json")
+    del lc["batch_size"]
+    return {"teacher": _teacher(cfg), "schedule": cfg.schedule.model_dump(mode="json"), "lcd_trajectories": lc,
+            "prompts_digest": prompts_digest(load_prompts(cfg.trajectories.prompts)), "seed": cfg.compute.seed,
+            "dtype": cfg.compute.dtype, "storage_dtype": cfg.trajectories.storage_dtype}
+
+
+def _run_lcd_trajectories(cfg, inputs, out, reporter, shards=None):
+    from .lcd import run_lcd_trajectories
+
+    return run_lcd_trajectories(cfg, inputs["lora"], out, reporter, shards=shards)
+
+
+def _run_lcd(cfg, inputs, out, reporter):
+    from .lcd import run_lcd
+
+    return run_lcd(cfg, inputs["pairs"], inputs["init"], out, reporter)
+
+
 def _run_evaluate(cfg, inputs, out, reporter):
     from .evaluate import run_evaluate
 
@@ -95,6 +117,10 @@ def _eval_inputs(cfg: PipelineConfig) -> dict[str, str]:
 SPECS: dict[str, StageSpec] = {
     "teacher-trajectories": StageSpec("teacher-trajectories", 1, lambda c: {}, _traj_config, _run_trajectories),
     "mlcd": StageSpec("mlcd", 1, lambda c: {"pairs": "teacher-trajectories"}, _trainer_config("mlcd"), _run_mlcd),
+    "lcd-trajectories": StageSpec("lcd-trajectories", 1, lambda c: {"lora": "mlcd"}, _lcd_traj_config,
+                                  _run_lcd_trajectories),
+    "lcd": StageSpec("lcd", 1, lambda c: {"pairs": "lcd-trajectories", "init": "mlcd"}, _trainer_config("lcd"),
+                     _run_lcd),
     "evaluate": StageSpec(
         "evaluate", 1, _eval_inputs,
         lambda c: {"teacher": _teacher(c), "evaluate": c.evaluate.model_dump(mode="json"),
@@ -111,12 +137,13 @@ def _run_trajectory_shards(cfg, inputs, out, reporter, shards):
 
 
 # Stages whose work splits into shards that several workers can fill at once.
-SHARDED: dict[str, Callable[..., dict]] = {"teacher-trajectories": _run_trajectory_shards}
+SHARDED: dict[str, Callable[..., dict]] = {"teacher-trajectories": _run_trajectory_shards,
+                                           "lcd-trajectories": _run_lcd_trajectories}
 
 
 def num_shards(cfg: PipelineConfig, name: str) -> int:
-    if name == "teacher-trajectories":
-        t = cfg.trajectories
+    if name in ("teacher-trajectories", "lcd-trajectories"):
+        t = cfg.trajectories if name == "teacher-trajectories" else cfg.lcd_trajectories
         return -(-t.num_samples // t.shard_size)
     raise ValueError(f"stage {name!r} is not sharded")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,9 +26,11 @@ from .schedule import ddim, lower_boundary, milestones, segment_index
 SAMPLE_ARRAYS = ("x_hi", "x_lo", "t_hi", "t_lo", "t_step", "prompt_idx", "seed")
 
 
-def sample_seed(base_seed: int, index: int) -> int:
-    """A stable 63-bit seed per sample (independent of shard size, worker and order)."""
-    h = hashlib.sha256(f"tlcm-sample:{base_seed}:{index}".encode()).digest()
+def sample_seed(base_seed: int, index: int, domain: str = "teacher") -> int:
+    """A stable 63-bit seed per sample (independent of shard size, worker and order); each stage that draws
+    samples has its own domain so their randomness never coincides."""
+    key = f"tlcm-sample:{base_seed}:{index}" if domain == "teacher" else f"tlcm-{domain}-sample:{base_seed}:{index}"
+    h = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
@@ -107,10 +110,10 @@ def read_conditioning(art, prefix: str, rows=None) -> Conditioning:
     return Conditioning.from_tensors(out)
 
 
-def create_sample_arrays(cfg: PipelineConfig, art, shape: tuple[int, int, int]):
-    n, s = cfg.trajectories.num_samples, cfg.trajectories.shard_size
-    dt = cfg.trajectories.storage_dtype
-    arrays = {name: art.create_array(name, shape=(n, *shape), chunks=(s, *shape), dtype=dt) for name in ("x_hi", "x_lo")}
+def create_sample_arrays(art, shape: tuple[int, int, int], num_samples: int, shard_size: int, storage_dtype: str):
+    n, s = num_samples, shard_size
+    arrays = {name: art.create_array(name, shape=(n, *shape), chunks=(s, *shape), dtype=storage_dtype)
+              for name in ("x_hi", "x_lo")}
     for name in ("t_hi", "t_lo", "t_step", "prompt_idx"):
         arrays[name] = art.create_array(name, shape=(n,), chunks=(s,), dtype="int32")
     arrays["seed"] = art.create_array("seed", shape=(n,), chunks=(s,), dtype="int64")
@@ -152,44 +155,60 @@ def compute_shard(cfg: PipelineConfig, teacher: Denoiser, cond_all: Conditioning
             "prompt_idx": plan.prompt_idx.astype(np.int32), "seed": plan.seed}
 
 
-def run_teacher_trajectories(cfg: PipelineConfig, art, reporter: Reporter, shards: list[int] | None = None,
-                             device: torch.device | None = None) -> dict:
-    """Fill every missing shard (or only `shards`); return a summary. The teacher is loaded once."""
-    from .models import load_pipeline, resolve_device, resolve_dtype
+ShardFn = Callable[[int, int, tuple[int, int, int]], dict[str, np.ndarray]]  # (start, stop, latent shape) -> arrays
+
+
+def fill_pair_shards(cfg: PipelineConfig, art, reporter: Reporter, *, stage: str, num_samples: int,
+                     shard_size: int, storage_dtype: str, shards: list[int] | None,
+                     setup: Callable[[object, Conditioning, Conditioning], ShardFn],
+                     device: torch.device | None = None) -> dict:
+    """Shared by every pair-producing stage: text conditioning once, then every missing shard (or only
+    `shards`), each written to its chunk-aligned rows and marked done. `setup(pipe, cond, uncond)` returns the
+    function that computes one shard; the pipeline is loaded only if some shard is missing."""
+    from .models import check_prompts, load_pipeline, resolve_device, resolve_dtype
     from .prompts import load_prompts
 
     device = device or resolve_device(cfg.compute)
     prompts = load_prompts(cfg.trajectories.prompts)
-    ranges = shard_ranges(cfg.trajectories.num_samples, cfg.trajectories.shard_size)
+    ranges = shard_ranges(num_samples, shard_size)
     todo = [i for i in (shards if shards is not None else range(len(ranges))) if not art.is_done(f"shard-{i:05d}")]
     total = len(ranges)
-    if not todo and art.is_done("text"):  # every shard is there (e.g. filled by other workers): no teacher needed
-        return {"num_samples": cfg.trajectories.num_samples, "num_shards": total, "num_prompts": len(prompts),
-                "latent_shape": list(art.open_array("x_hi").shape[1:])}
+    summary = {"num_samples": num_samples, "num_shards": total, "num_prompts": len(prompts)}
+    if not todo and art.is_done("text"):  # every shard is there (e.g. filled by other workers): no model needed
+        return {**summary, "latent_shape": list(art.open_array("x_hi").shape[1:])}
     pipe = load_pipeline(cfg.teacher, device, resolve_dtype(cfg.compute, device))
-    from .models import check_prompts
-
     check_prompts(pipe, prompts, source=cfg.trajectories.prompts)
     encode_text_arrays(cfg, art, pipe, prompts)
     shape = latent_shape(pipe, cfg.teacher.resolution)
-    arrays = create_sample_arrays(cfg, art, shape)
-    cond_all, uncond = read_conditioning(art, "cond"), read_conditioning(art, "uncond")
-    teacher = Denoiser(pipe.unet, _schedule_of(pipe))
+    arrays = create_sample_arrays(art, shape, num_samples, shard_size, storage_dtype)
+    compute = setup(pipe, read_conditioning(art, "cond"), read_conditioning(art, "uncond"))
     done = total - len(todo)
-    reporter.progress("teacher-trajectories", done, total)
+    reporter.progress(stage, done, total)
     for i in todo:
         start, stop = ranges[i]
-        out = compute_shard(cfg, teacher, cond_all, uncond, start, stop, shape)
-        for name, values in out.items():
+        for name, values in compute(start, stop, shape).items():
             arrays[name][start:stop] = values.astype(arrays[name].dtype)
         art.mark_done(f"shard-{i:05d}", {"start": start, "stop": stop})
         done += 1
-        reporter.progress("teacher-trajectories", done, total)
-    return {"num_samples": cfg.trajectories.num_samples, "num_shards": total, "num_prompts": len(prompts),
-            "latent_shape": list(shape)}
+        reporter.progress(stage, done, total)
+    return {**summary, "latent_shape": list(shape)}
 
 
-def _schedule_of(pipe):
+def run_teacher_trajectories(cfg: PipelineConfig, art, reporter: Reporter, shards: list[int] | None = None,
+                             device: torch.device | None = None) -> dict:
+    """Stage `teacher-trajectories`: fill every missing shard (or only `shards`). The teacher is loaded once."""
+    t = cfg.trajectories
+
+    def setup(pipe, cond_all, uncond):
+        teacher = Denoiser(pipe.unet, schedule_of(pipe))
+        return lambda start, stop, shape: compute_shard(cfg, teacher, cond_all, uncond, start, stop, shape)
+
+    return fill_pair_shards(cfg, art, reporter, stage="teacher-trajectories", num_samples=t.num_samples,
+                            shard_size=t.shard_size, storage_dtype=t.storage_dtype, shards=shards, setup=setup,
+                            device=device)
+
+
+def schedule_of(pipe):
     from .schedule import NoiseSchedule
 
     return NoiseSchedule.from_config(dict(pipe.scheduler.config))
