@@ -175,15 +175,60 @@ class LCDConfig(TrainerConfig):
 
 
 class FinetuneConfig(TrainerConfig):
+    """Stage 3 (TLCM section 4.3): any subset of reward, distribution matching and adversarial losses on the one
+    student LoRA; a weight of 0 disables a term."""
+
     iterations: int = 500
     lr: float = 1e-5
+    q: int = Field(4, ge=1, le=8, description="student steps for the clean latents that eq. 9 re-noises")
+    # preference reward, TLCM eq. 11: max(margin - s(x, c_pos), 0) + max(s(x, c_neg), 0)
     reward_weight: float = Field(0.0, ge=0)
     reward_margin: float = 16.0
+    reward_scorer: Literal["toy", "open_clip", "mps"] = "toy"
+    reward_model: str | None = None  # open_clip: "ARCH:path/to/weights"; mps: path to the published checkpoint
+    allow_pickle: bool = False  # the MPS checkpoint is a pickled model: loading it runs code from the file
+    # distribution matching (DMD, Yin et al. 2024), TLCM eq. 12
     dmd_weight: float = Field(0.0, ge=0)
-    gan_weight: float = Field(0.0, ge=0)
-    discriminator_lr: float = Field(1e-4, gt=0)
     fake_score_lr: float = Field(1e-5, gt=0)
     fake_updates_per_step: int = Field(1, ge=1)
+    fake_rank: int = Field(16, ge=1)
+    dmd_t_min: int = Field(20, ge=1)
+    dmd_t_max: int = Field(980, ge=1)
+    # adversarial, TLCM eq. 13: discriminator = the teacher UNet's frozen encoder + small trainable heads
+    gan_weight: float = Field(0.0, ge=0)
+    gan_loss: Literal["non-saturating", "hinge"] = "non-saturating"
+    gan_real: Literal["student-multistep", "teacher"] = "student-multistep"
+    gan_real_pool: int = Field(256, ge=1, description="teacher samples cached for gan_real=teacher")
+    gan_real_steps: int = Field(25, ge=1, description="teacher DDIM steps for those samples")
+    discriminator_lr: float = Field(1e-4, gt=0)
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> FinetuneConfig:
+        if self.dmd_t_min >= self.dmd_t_max:
+            raise ValueError(f"finetune.dmd_t_min={self.dmd_t_min} must be below dmd_t_max={self.dmd_t_max}")
+        return self
+
+
+class MetricsConfig(Section):
+    """The field's metrics (TLCM Table 1) for real teachers; weights are local paths, fsspec URLs (`hf://org/repo/file`
+    for the hub) or open_clip tags. Toy worlds use the shipped toy evaluator unless kind=real."""
+
+    kind: Literal["auto", "toy", "real", "none"] = "auto"  # auto: toy in a toy world, else real when captions is set
+    run: list[Literal["clip", "aesthetic", "imagereward", "fid"]] = Field(
+        default_factory=lambda: ["clip", "aesthetic", "imagereward", "fid"])
+    # evaluation prompts: a text file (one caption a line) or COCO captions JSON (first caption per image, by image id)
+    captions: str | None = None
+    reference_images: str | None = None  # folder (any fsspec URL) of real images for FID, e.g. COCO-2017 val
+    clip_model: str = "ViT-g-14"  # CLIP score: open_clip architecture (or local-dir:/hf-hub: model spec)
+    clip_pretrained: str | None = "laion2b_s12b_b42k"  # open_clip tag, or a weights file path/URL
+    aesthetic_clip_model: str = "ViT-L-14"  # LAION aesthetic predictor: CLIP ViT-L/14 (OpenAI) + the MLP below
+    aesthetic_clip_pretrained: str | None = "openai"
+    aesthetic_weights: str = "sac+logos+ava1-l14-linearMSE.pth"  # path/URL; the file name is pinned
+    imagereward_weights: str = "hf://THUDM/ImageReward/ImageReward.pt"
+    imagereward_med_config: str = "hf://THUDM/ImageReward/med_config.json"
+    imagereward_tokenizer: str = "bert-base-uncased"  # hub id or local folder of the BERT tokenizer
+    fid_inception_weights: str | None = None  # pt_inception-2015-12-05-6726825d.pth (torch-fidelity); None: its cache
+    batch_size: int = Field(16, ge=1)
 
 
 class EvaluateConfig(Section):
@@ -194,6 +239,7 @@ class EvaluateConfig(Section):
     sampler: Literal["renoise", "multistep"] = "renoise"
     seed: int = Field(1234, ge=0)
     grid_size: int = Field(16, ge=0, description="images in the sample grid per step count (0: none)")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @field_validator("steps")
     @classmethod
@@ -206,6 +252,45 @@ class EvaluateConfig(Section):
 
 class ExportConfig(Section):
     formats: list[Literal["diffusers", "kohya", "peft"]] = Field(default_factory=lambda: ["diffusers"])
+    sampler: Literal["renoise", "multistep"] = "renoise"  # the exported TLCMScheduler's sampler
+    steps: int = Field(4, ge=1, le=64, description="step count the model card's usage snippet shows")
+    # kohya key names: sgm (input_blocks_*, as kohya trains SDXL), diffusers (down_blocks_*, as for SD 1.x/2.x), auto
+    kohya_naming: Literal["auto", "sgm", "diffusers"] = "auto"
+
+
+class LatentLPIPSConfig(Section):
+    """Latent LPIPS (VGG-16 on latents; DESIGN.md): the distance `distance: latent-lpips` uses, and how the
+    `latent-lpips` stage makes its weights."""
+
+    # file: `weights` (the published latent-lpips.pth or a latent_lpips.safetensors; path or fsspec URL);
+    # bapps: train on BAPPS 2AFC at `bapps_url` (latents from the teacher's VAE);
+    # datafree: regress a pixel metric of VAE-decoded latent pairs built from the teacher-trajectories cache.
+    source: Literal["file", "bapps", "datafree"] = "datafree"
+    weights: str | None = None
+    # root of the BAPPS 2AFC layout {root}/{train,val}/{subset}/{ref,p0,p1,judge}/; any fsspec URL, also chained
+    # into an archive, e.g. "tar://2afc::https://host/twoafc.tar.gz". With source=file: optional, for a 2AFC report.
+    bapps_url: str | None = None
+    bapps_image_size: int | None = Field(None, ge=8, description="resize BAPPS patches before VAE encoding")
+    max_triplets: int = Field(0, ge=0, description="BAPPS triplets read per split (0: all)")
+    # auto: toy-features in the toy world (its evaluator's features), else lpips-vgg (needs torchvision's VGG-16
+    # ImageNet weights in the torch hub cache)
+    pixel_distance: Literal["auto", "lpips-vgg", "toy-features"] = "auto"
+    width: float = Field(1.0, gt=0, le=4, description="channel multiplier; 1.0 = VGG-16 as in the paper")
+    steps: int = Field(2000, ge=1)
+    lr: float = Field(1e-4, gt=0, le=1.0)
+    batch_size: int = Field(32, ge=1)
+    num_pairs: int = Field(4096, ge=16, description="data-free: latent pairs labelled with the pixel metric")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share (data-free anchors; BAPPS without val/)")
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> LatentLPIPSConfig:
+        if self.source == "file" and not self.weights:
+            raise ValueError("latent_lpips.source=file needs latent_lpips.weights (a path or URL of latent-lpips.pth "
+                             "or latent_lpips.safetensors)")
+        if self.source == "bapps" and not self.bapps_url:
+            raise ValueError("latent_lpips.source=bapps needs latent_lpips.bapps_url (the BAPPS 2AFC root)")
+        return self
 
 
 class PipelineConfig(Section):
@@ -226,6 +311,7 @@ class PipelineConfig(Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    latent_lpips: LatentLPIPSConfig = Field(default_factory=LatentLPIPSConfig)
 
     @field_validator("stages")
     @classmethod

@@ -215,7 +215,47 @@ def check_teacher(teacher: TeacherConfig) -> str:
     for part in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
         if part not in index:
             raise TeacherError(f"teacher.source={teacher.source!r}: the pipeline has no {part}")
+    _check_teacher_shapes(teacher.source, src, index)
     return src
+
+
+def _check_teacher_shapes(source: str, src: str, index: dict) -> None:
+    """The components' configs fit together as SDXL (two text encoders, text_time conditioning) or SD 1.x/2.x;
+    reads only the small config files, so a mismatched teacher fails before any weights load."""
+    def config(part: str) -> dict:
+        p = Path(src) / part / "config.json"
+        try:
+            return json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise TeacherError(f"teacher.source={source!r}: cannot read {p} ({type(e).__name__})") from None
+
+    unet, vae, te = config("unet"), config("vae"), config("text_encoder")
+    where = f"teacher.source={source!r} ({index.get('_class_name')})"
+    if unet.get("in_channels") != vae.get("latent_channels", 4):
+        raise TeacherError(f"{where}: the UNet takes {unet.get('in_channels')} channels but the VAE makes "
+                           f"{vae.get('latent_channels', 4)}")
+    xattn = unet.get("cross_attention_dim")
+    xattn = set(xattn) if isinstance(xattn, list) else {xattn}
+    if index.get("_class_name") == "StableDiffusionXLPipeline":
+        if not index.get("text_encoder_2") or not index.get("tokenizer_2") or None in index["text_encoder_2"]:
+            raise TeacherError(f"{where} is not SDXL-shaped: it has no second text encoder/tokenizer")
+        if unet.get("addition_embed_type") != "text_time":
+            raise TeacherError(f"{where} is not SDXL-shaped: its UNet has addition_embed_type="
+                               f"{unet.get('addition_embed_type')!r}, SDXL needs 'text_time' (pooled text + size ids)")
+        te2 = config("text_encoder_2")
+        want = te.get("hidden_size", 0) + te2.get("hidden_size", 0)
+        if xattn != {want}:
+            raise TeacherError(f"{where} is not SDXL-shaped: UNet cross_attention_dim={unet.get('cross_attention_dim')}"
+                               f" but the two text encoders give {te.get('hidden_size')} + {te2.get('hidden_size')}")
+        pooled = te2.get("projection_dim", te2.get("hidden_size", 0))
+        want = pooled + 6 * (unet.get("addition_time_embed_dim") or 0)
+        if unet.get("projection_class_embeddings_input_dim") != want:
+            raise TeacherError(f"{where} is not SDXL-shaped: UNet projection_class_embeddings_input_dim="
+                               f"{unet.get('projection_class_embeddings_input_dim')}, expected pooled {pooled} + 6 x "
+                               f"addition_time_embed_dim {unet.get('addition_time_embed_dim')} = {want}")
+    elif xattn != {te.get("hidden_size")}:
+        raise TeacherError(f"{where}: UNet cross_attention_dim={unet.get('cross_attention_dim')} does not match the "
+                           f"text encoder's hidden_size={te.get('hidden_size')}")
 
 
 def load_schedule(teacher: TeacherConfig) -> NoiseSchedule:
@@ -323,6 +363,11 @@ def vae_scale_factor_of(teacher: TeacherConfig) -> int:
 @torch.no_grad()
 def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0, 1], (B, 3, H, W) float32."""
+    return decode_latents_grad(pipe, latents)
+
+
+def decode_latents_grad(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """As decode_latents, differentiable w.r.t. the latents (the VAE itself stays frozen)."""
     vae = pipe.vae
     z = latents.to(vae.dtype) / vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)

@@ -103,6 +103,26 @@ def _run_lcd(cfg, inputs, out, reporter):
     return run_lcd(cfg, inputs["pairs"], inputs["init"], out, reporter)
 
 
+def _run_finetune(cfg, inputs, out, reporter):
+    from .finetune import run_finetune
+
+    return run_finetune(cfg, inputs["init"], out, reporter)
+
+
+def _finetune_inputs(cfg: PipelineConfig) -> dict[str, str]:
+    stage = final_lora_stage(cfg, before="finetune")
+    if stage is None:
+        raise ValueError("finetune needs a LoRA stage before it (mlcd or lcd) in the pipeline's stages")
+    return {"init": stage}
+
+
+def _finetune_config(cfg: PipelineConfig) -> dict:
+    out = _trainer_config("finetune")(cfg)
+    out["teacher"] = _teacher(cfg)
+    out["guidance"] = cfg.schedule.guidance
+    return out
+
+
 def _run_evaluate(cfg, inputs, out, reporter):
     from .evaluate import run_evaluate
 
@@ -121,6 +141,7 @@ SPECS: dict[str, StageSpec] = {
                                   _run_lcd_trajectories),
     "lcd": StageSpec("lcd", 1, lambda c: {"pairs": "lcd-trajectories", "init": "mlcd"}, _trainer_config("lcd"),
                      _run_lcd),
+    "finetune": StageSpec("finetune", 1, _finetune_inputs, _finetune_config, _run_finetune),
     "evaluate": StageSpec(
         "evaluate", 1, _eval_inputs,
         lambda c: {"teacher": _teacher(c), "evaluate": c.evaluate.model_dump(mode="json"),

@@ -7,6 +7,7 @@ thread, off the critical path.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -139,7 +140,8 @@ class PairBatches:
 
 
 class Checkpointer:
-    """LoRA + optimizer + step + RNG + log under {artifact}/checkpoints/; resume from the latest.
+    """Trainable tensors + optimizer states + step + RNG + log under {artifact}/checkpoints/; resume from the
+    latest.
 
     Each checkpoint is written in full before `latest.json` points at it, so a kill mid-write leaves the
     previous checkpoint in charge. Older checkpoints beyond `keep` are removed after the pointer moves.
@@ -148,14 +150,21 @@ class Checkpointer:
     def __init__(self, art, keep: int = 2):
         self.art, self.keep = art, keep
 
-    def save(self, step: int, lora: dict[str, torch.Tensor], optimizer, log: list[dict]) -> None:
+    def save(self, step: int, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        """`tensors` go to safetensors; `state` (optimizer state dicts, a log list, ...) to a weights_only-safe
+        torch file, with the step and the torch RNG state added."""
         d = f"checkpoints/step-{step:08d}"
-        self.art.save_tensors(f"{d}/lora.safetensors", lora)
+        from safetensors.torch import save as save_safetensors
+
+        blob = save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+        self.art.write_bytes(f"{d}/lora.safetensors", blob)
+        sums = {"lora.safetensors": hashlib.sha256(blob).hexdigest()}  # checked on resume
         buf = io.BytesIO()
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state(),
-                    "log": json.dumps(log)}, buf)
+        torch.save({**{k: v for k, v in state.items() if k != "log"}, "step": step, "rng": torch.get_rng_state(),
+                    "log": json.dumps(state.get("log", []))}, buf)
         self.art.write_bytes(f"{d}/state.pt", buf.getvalue())
-        self.art.write_json("checkpoints/latest.json", {"step": step, "dir": d})
+        sums["state.pt"] = hashlib.sha256(buf.getvalue()).hexdigest()
+        self.art.write_json("checkpoints/latest.json", {"step": step, "dir": d, "sha256": sums})
         self._prune(step)
 
     def _prune(self, step: int) -> None:
@@ -173,9 +182,24 @@ class Checkpointer:
             return None
         return self.art.read_json("checkpoints/latest.json")
 
+    def _verified(self, info: dict, name: str) -> bytes:
+        """A checkpoint file's bytes, checked against the sha256 that latest.json recorded for it."""
+        data = self.art.read_bytes(f"{info['dir']}/{name}")
+        want = (info.get("sha256") or {}).get(name)
+        if want is not None and hashlib.sha256(data).hexdigest() != want:
+            from .store import CorruptArtifactError
+
+            raise CorruptArtifactError(
+                f"artifact {self.art.uri}: checkpoint file {info['dir']}/{name} fails its sha256 check (truncated "
+                f"or altered); it will not be used. Delete {self.art.uri}/checkpoints to restart this stage "
+                "from step 0, or the artifact folder to recompute it.")
+        return data
+
     def load(self, info: dict) -> tuple[dict[str, torch.Tensor], dict]:
-        lora = self.art.load_tensors(f"{info['dir']}/lora.safetensors")
-        state = torch.load(io.BytesIO(self.art.read_bytes(f"{info['dir']}/state.pt")), weights_only=True)
+        from safetensors.torch import load as load_safetensors
+
+        lora = load_safetensors(self._verified(info, "lora.safetensors"))
+        state = torch.load(io.BytesIO(self._verified(info, "state.pt")), weights_only=True)
         state["log"] = json.loads(state["log"])
         return lora, state
 
@@ -227,7 +251,7 @@ def train_loop(cfg: TrainerConfig, *, name: str, model: torch.nn.Module, params:
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         step, log = int(state["step"]), state["log"]
-        sched.last_epoch = step - 1
+        sched.last_epoch = step  # as after `step` scheduler steps (construction made step 0); lr came with opt
         reporter.log(f"{name}: resuming from checkpoint step {step}")
     start = step
     if accelerator is not None:
@@ -259,7 +283,7 @@ def train_loop(cfg: TrainerConfig, *, name: str, model: torch.nn.Module, params:
                 reporter.progress(name, step, cfg.iterations, loss=value)
         if step % cfg.checkpoint_every == 0 and step < cfg.iterations:
             if main:
-                ckpt.save(step, get_lora(), opt, log)
+                ckpt.save(step, get_lora(), {"optimizer": opt.state_dict(), "log": log})
             if accelerator is not None:
                 accelerator.wait_for_everyone()
     elapsed = time.perf_counter() - t0

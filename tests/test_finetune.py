@@ -1,0 +1,179 @@
+"""Stage 3 losses on a tiny SDXL-shaped UNet: finite, gradients only where they should be, DMD's fixed point,
+the hinge margins; and the finetune stage end to end with every term on."""
+
+import pytest
+import torch
+
+from tlcm_core.config import LoRAConfig, TeacherConfig, load_config
+from tlcm_core.finetune import (FAKE, DiscriminatorHeads, discriminate, dmd_gradient, dmd_loss, fake_score_backward,
+                                gan_discriminator_loss, gan_generator_loss, unet_encoder)
+from tlcm_core.lora import ADAPTER, attach_lora
+from tlcm_core.models import Denoiser, encode_prompts, load_pipeline
+from tlcm_core.pipeline import open_store, run_pipeline
+from tlcm_core.progress import SilentReporter
+from tlcm_core.rewards import negative_prompts, reward_hinge
+from tlcm_core.trajectories import schedule_of
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tlcm_core.toy.pipeline import build_toy_pipeline
+
+    path = tmp_path_factory.mktemp("t") / "tiny"
+    build_toy_pipeline(seed=4).save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def setup(tiny_dir):
+    pipe = load_pipeline(TeacherConfig(source=str(tiny_dir), resolution=32), torch.device("cpu"))
+    unet = pipe.unet
+    attach_lora(unet, LoRAConfig(rank=4, alpha=4))
+    attach_lora(unet, LoRAConfig(rank=4, alpha=4), adapter_name=FAKE)
+    unet.set_adapter(ADAPTER)
+    cond, uncond = encode_prompts(pipe, ["a red circle", "a blue square"], 32)
+    return pipe, unet, Denoiser(unet, schedule_of(pipe)), cond, uncond
+
+
+def _grads(unet, heads=None):
+    out = {"student": False, "fake": False, "base": False, "heads": False}
+    for n, p in unet.named_parameters():
+        if p.grad is not None and p.grad.abs().sum() > 0:
+            out["student" if f".{ADAPTER}." in n else "fake" if f".{FAKE}." in n else "base"] = True
+    if heads is not None:
+        out["heads"] = any(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters())
+    return out
+
+
+def test_reward_hinge_margins():
+    s_pos = torch.tensor([20.0, 10.0, 16.0], requires_grad=True)
+    s_neg = torch.tensor([-1.0, 3.0, 0.0], requires_grad=True)
+    loss = reward_hinge(s_pos, s_neg, 16.0)
+    assert loss.tolist() == [0.0, 6.0 + 3.0, 0.0]  # above the margin / below zero: nothing to gain
+    loss.sum().backward()
+    assert s_pos.grad.tolist() == [0.0, -1.0, 0.0] and s_neg.grad.tolist() == [0.0, 1.0, 0.0]
+    neg = negative_prompts(["a", "b", "a"], ["a", "b", "c"], torch.Generator().manual_seed(0))
+    assert all(n != p for n, p in zip(neg, ["a", "b", "a"]))
+
+
+def test_dmd_gradient_is_zero_when_fake_and_real_agree(setup):
+    pipe, unet, model, cond, uncond = setup
+    x0 = torch.randn(2, 4, 16, 16, requires_grad=True)
+    t, n = torch.tensor([300, 700]), torch.randn(2, 4, 16, 16)
+    # fresh fake LoRA (B = 0) == teacher, and w = 1 (no CFG): the two scores agree exactly
+    g = dmd_gradient(model, unet, x0, t, n, cond, uncond, 1.0)
+    assert torch.equal(g, torch.zeros_like(g))
+    g8 = dmd_gradient(model, unet, x0, t, n, cond, uncond, 8.0)
+    assert torch.isfinite(g8).all() and g8.abs().sum() > 0
+    loss = dmd_loss(x0, g8)
+    loss.backward()
+    torch.testing.assert_close(x0.grad, g8 / 2)  # d/dx0 of the surrogate is the DMD gradient (/ batch)
+
+
+def test_student_terms_reach_only_the_student_lora(setup):
+    pipe, unet, model, cond, uncond = setup
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)  # a trained-looking state
+    heads = DiscriminatorHeads(unet.config.block_out_channels[-1])
+    z = torch.randn(2, 4, 16, 16)
+    t = torch.tensor([499, 999])
+    x0, _ = model(z, t, cond)
+    g = dmd_gradient(model, unet, x0, torch.tensor([200, 600]), torch.randn_like(z), cond, uncond, 8.0)
+    lg = gan_generator_loss(discriminate(unet, heads, x0, torch.tensor([100, 100]), cond), "non-saturating")
+    loss = dmd_loss(x0, g) + lg
+    assert torch.isfinite(loss)
+    loss.backward()
+    got = _grads(unet, heads)
+    assert got["student"] and not got["fake"] and not got["base"]
+    unet.zero_grad(set_to_none=True)
+    heads.zero_grad(set_to_none=True)
+    # the fake score model's loss trains only the fake LoRA
+    lf = fake_score_backward(model, unet, x0.detach(), cond, torch.Generator().manual_seed(0))
+    assert torch.isfinite(lf)
+    got = _grads(unet)
+    assert got["fake"] and not got["student"] and not got["base"]
+    unet.zero_grad(set_to_none=True)
+    # the discriminator's loss trains only its heads
+    ld = gan_discriminator_loss(discriminate(unet, heads, z, t, cond), discriminate(unet, heads, x0.detach(), t, cond),
+                                "hinge")
+    ld.backward()
+    got = _grads(unet, heads)
+    assert torch.isfinite(ld) and got["heads"] and not got["student"] and not got["fake"] and not got["base"]
+
+
+def test_unet_encoder_is_the_unets_own_first_half(setup):
+    pipe, unet, model, cond, _ = setup
+    captured = {}
+    h = unet.mid_block.register_forward_hook(lambda m, i, o: captured.setdefault("mid", o))
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 900])
+    with torch.no_grad():
+        unet(x, t, **cond.unet_kwargs())
+        mine = unet_encoder(unet, x, t, cond)
+    h.remove()
+    torch.testing.assert_close(mine, captured["mid"])
+
+
+def test_gan_losses():
+    real, fake = torch.tensor([3.0, 2.0]), torch.tensor([-3.0, -2.0])
+    assert gan_discriminator_loss(real, fake, "hinge").item() == 0.0
+    assert gan_discriminator_loss(fake, real, "hinge").item() == 7.0  # mean(4, 3) + mean(4, 3)
+    assert gan_generator_loss(real, "non-saturating") < gan_generator_loss(fake, "non-saturating")
+
+
+def test_finetune_stage_all_terms(tiny_dir, tmp_path):
+    cfg = load_config("toy-fast", [
+        f"teacher.source={tiny_dir}", f"store.url={tmp_path / 'store'}",
+        "stages=[teacher-trajectories,mlcd,finetune,evaluate]", "trajectories.num_samples=16",
+        "trajectories.shard_size=16", "mlcd.iterations=2", "mlcd.batch_size=8", "lora.rank=4",
+        "finetune.iterations=4", "finetune.batch_size=2", "finetune.q=2", "finetune.log_every=2",
+        "finetune.checkpoint_every=2", "finetune.reward_weight=1", "finetune.reward_margin=0",
+        "finetune.dmd_weight=1", "finetune.gan_weight=0.1", "finetune.gan_real=teacher",
+        "finetune.gan_real_pool=4", "finetune.gan_real_steps=2",
+        "evaluate.num_samples=4", "evaluate.steps=[2]", "evaluate.teacher_steps=[]"])
+    res = run_pipeline(cfg, reporter=SilentReporter())
+    ft = res[2]
+    assert ft.stage == "finetune" and set(ft.summary["terms"]) == {"reward", "dmd", "gan"}
+    assert {"reward", "dmd", "gan_g", "gan_d", "fake"} <= set(ft.summary["final"])
+    art = open_store(cfg).artifact("finetune", ft.fingerprint)
+    m = art.manifest(verify="checksum")
+    assert "lora.safetensors" in m.files and "gan_real_pool.safetensors" in m.files
+    assert res[3].summary["rows"] and open_store(cfg).artifact("evaluate", res[3].fingerprint).manifest().inputs[
+        "lora"].endswith(ft.fingerprint)
+
+
+class StopAt(SilentReporter):
+    """Interrupts the work from inside, like a preemption, once training reports `step`."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def progress(self, key, done, total, **metrics):
+        if key == "finetune" and done >= self.step:
+            raise KeyboardInterrupt(f"preempted at {done}")
+
+
+def _resume_config(tiny_dir, store):
+    return load_config("toy-fast", [
+        f"teacher.source={tiny_dir}", f"store.url={store}", "stages=[teacher-trajectories,mlcd,finetune]",
+        "trajectories.num_samples=16", "trajectories.shard_size=16", "mlcd.iterations=2", "mlcd.batch_size=8",
+        "lora.rank=4", "finetune.iterations=6", "finetune.batch_size=2", "finetune.q=1", "finetune.log_every=1",
+        "finetune.checkpoint_every=2", "finetune.dmd_weight=1", "finetune.gan_weight=0.1"])
+
+
+def test_finetune_resumes_from_its_checkpoint(tiny_dir, tmp_path):
+    cfg = _resume_config(tiny_dir, tmp_path / "store")
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, reporter=StopAt(5))
+    res = run_pipeline(cfg, reporter=SilentReporter())
+    assert res[2].summary["resumed_from_step"] == 4  # the last checkpoint before the interruption
+    # the same run uninterrupted ends with the same LoRA (each step's randomness is a function of the step)
+    other = _resume_config(tiny_dir, tmp_path / "other")
+    ref = run_pipeline(other, reporter=SilentReporter())
+    a = open_store(cfg).artifact("finetune", res[2].fingerprint).load_tensors("lora.safetensors")
+    b = open_store(other).artifact("finetune", ref[2].fingerprint).load_tensors("lora.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
