@@ -4,6 +4,9 @@
   tlcm eval --config toy --lora none --steps 1,2,4,25 --json
   tlcm artifacts ls|show --store URL [--json]
   tlcm toy-teacher [--out DIR]              retrain the shipped toy teacher
+  tlcm stack up|down|status [--s3]          a local Prefect server, work pool, workers (and S3) for deployments
+  tlcm export --lora URI --out DIR          diffusers / kohya / PEFT files, TLCM scheduler, model card
+  tlcm generate --lora URI --prompt TEXT --steps 4 --seed 0 --out image.png
 """
 
 from __future__ import annotations
@@ -177,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--world", default=None)
     t.add_argument("--steps", type=int, default=None, help="UNet training steps (default: the shipped settings)")
     t.set_defaults(func=cmd_toy_teacher)
+
+    from flows.stack import add_parser as add_stack_parser
+
+    add_stack_parser(sub)
+
+    from flows.cli_tools import add_export_parser, add_generate_parser
+
+    add_export_parser(sub, _config_args)
+    add_generate_parser(sub)
     return ap
 
 
@@ -185,10 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from tlcm_core.config import ConfigError
+    from tlcm_core.export import ExportError
+    from tlcm_core.lora import LoRAError
+    from tlcm_core.losses.latent_lpips import LatentLPIPSWeightsError
+    from tlcm_core.metrics import MetricsError
+    from tlcm_core.models import TeacherError
+    from tlcm_core.pipeline import StageInputError
+    from tlcm_core.prompts import PromptsError
+    from tlcm_core.rewards import RewardError
+    from tlcm_core.store import StoreError
 
+    user_errors = (ConfigError, PromptsError, TeacherError, LoRAError, StoreError, StageInputError, MetricsError,
+                   ExportError, RewardError, LatentLPIPSWeightsError)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except user_errors as e:  # bad input or an unusable artifact: say what to fix, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

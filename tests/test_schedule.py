@@ -113,7 +113,8 @@ def test_sampler_timesteps():
     assert sampler_timesteps(1, b) == [999]
     six = sampler_timesteps(6, b)
     assert len(six) == 6 and six[0] == 999 and all(t in b for t in six)
-    assert sampler_timesteps(12, b) == sampler_timesteps(8, b)
+    with pytest.raises(ValueError, match="schedule has 8"):
+        sampler_timesteps(12, b)
     assert sampler_timesteps(2, milestones(1000, 4)) == [999, 499]
 
 

@@ -221,13 +221,14 @@ class MetricsConfig(Section):
     reference_images: str | None = None  # folder (any fsspec URL) of real images for FID, e.g. COCO-2017 val
     clip_model: str = "ViT-g-14"  # CLIP score: open_clip architecture (or local-dir:/hf-hub: model spec)
     clip_pretrained: str | None = "laion2b_s12b_b42k"  # open_clip tag, or a weights file path/URL
-    aesthetic_clip_model: str = "ViT-L-14"  # LAION aesthetic predictor: CLIP ViT-L/14 (OpenAI) + the MLP below
+    aesthetic_clip_model: str = "ViT-L-14-quickgelu"  # LAION aesthetic predictor: OpenAI CLIP ViT-L/14 + the MLP
     aesthetic_clip_pretrained: str | None = "openai"
     aesthetic_weights: str = "sac+logos+ava1-l14-linearMSE.pth"  # path/URL; the file name is pinned
     imagereward_weights: str = "hf://THUDM/ImageReward/ImageReward.pt"
     imagereward_med_config: str = "hf://THUDM/ImageReward/med_config.json"
     imagereward_tokenizer: str = "bert-base-uncased"  # hub id or local folder of the BERT tokenizer
-    fid_inception_weights: str | None = None  # pt_inception-2015-12-05-6726825d.pth (torch-fidelity); None: its cache
+    # torch-fidelity's weights-inception-2015-12-05-6726825d.pth; None: look in torch.hub's checkpoint cache
+    fid_inception_weights: str | None = None
     batch_size: int = Field(16, ge=1)
 
 
@@ -312,6 +313,14 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     latent_lpips: LatentLPIPSConfig = Field(default_factory=LatentLPIPSConfig)
+
+    @model_validator(mode="after")
+    def _steps_fit_milestones(self) -> PipelineConfig:
+        too_many = [n for n in self.evaluate.steps if n > self.schedule.segments]
+        if too_many:
+            raise ValueError(f"evaluate.steps={self.evaluate.steps}: a TLCM sampler takes at most "
+                             f"schedule.segments={self.schedule.segments} steps (one per milestone)")
+        return self
 
     @field_validator("stages")
     @classmethod

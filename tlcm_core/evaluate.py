@@ -35,6 +35,10 @@ def toy_world_of(cfg: PipelineConfig) -> str | None:
 def eval_prompts(cfg: PipelineConfig) -> list[str]:
     from .prompts import load_prompts
 
+    if cfg.evaluate.metrics.captions:  # e.g. COCO-2017 val captions for the real metrics
+        from .metrics import load_captions
+
+        return load_captions(cfg.evaluate.metrics.captions)
     world = toy_world_of(cfg)
     return load_prompts(f"toy:{world}" if world else cfg.trajectories.prompts)
 
@@ -72,12 +76,11 @@ class Sampler:
         self.denoiser = Denoiser(pipe.unet, self.schedule)
 
     @torch.no_grad()
-    def sample(self, steps: int, n: int, seed: int, batch_size: int, mode: str = "renoise",
-               progress=None) -> tuple[torch.Tensor, list[str], float]:
-        """Images in [0, 1] for prompts i % P, their prompts, and the UNet+VAE seconds per image."""
+    def batches(self, steps: int, n: int, seed: int, batch_size: int, mode: str = "renoise"):
+        """Yield (images in [0, 1], their prompts, UNet+VAE seconds) batch by batch, prompts i % P, the same
+        starting noise for every method and step count."""
         noise = eval_noise(n, self.shape, seed)
         bounds = milestones(self.schedule.T, self.cfg.schedule.segments)
-        images, prompts, seconds = [], [], 0.0
         dtype = self.pipe.unet.dtype
         for i in range(0, n, batch_size):
             idx = torch.arange(i, min(i + batch_size, n))
@@ -96,12 +99,13 @@ class Sampler:
             img = decode_latents(self.pipe, x0)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
-            seconds += time.perf_counter() - t0
-            images.append(img.cpu())
-            prompts += [self.prompts[j] for j in pidx.tolist()]
-            if progress is not None:
-                progress(min(i + batch_size, n), n)
-        return torch.cat(images), prompts, seconds / n
+            yield img.cpu(), [self.prompts[j] for j in pidx.tolist()], time.perf_counter() - t0
+
+    def sample(self, steps: int, n: int, seed: int, batch_size: int, mode: str = "renoise"
+               ) -> tuple[torch.Tensor, list[str], float]:
+        """All images at once (small n only: evaluate_rows streams batches into the metrics instead)."""
+        out = list(self.batches(steps, n, seed, batch_size, mode))
+        return (torch.cat([o[0] for o in out]), [p for o in out for p in o[1]], sum(o[2] for o in out) / n)
 
 
 def grid_png(images: torch.Tensor, prompts: list[str] | None = None, cols: int = 8) -> bytes:
@@ -132,23 +136,55 @@ class ToyMetrics:
         self.evaluator = ToyEvaluator.load(world)
         real, _ = get_world(world).sample(n_real, seed=seed + 999_983)
         self.real_features = self._features(real)
+        self.reset()
 
     @torch.no_grad()
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.evaluator.features(images[i:i + 256]) for i in range(0, len(images), 256)])
 
+    def reset(self) -> None:
+        self._correct, self._feats, self._attr, self._n = 0, [], {}, 0
+
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict:
+    def update(self, images: torch.Tensor, prompts: list[str]) -> None:
+        for i in range(0, len(images), 256):
+            im, pr = images[i:i + 256], prompts[i:i + 256]
+            self._correct += int(self.evaluator.correct(im, pr).sum())
+            for a, v in self.evaluator.attribute_accuracy(im, pr).items():
+                if a != "all":
+                    self._attr[a] = self._attr.get(a, 0.0) + v * len(im)
+            self._feats.append(self.evaluator.features(im))
+            self._n += len(im)
+
+    def compute(self) -> dict:
         from .toy import frechet_distance
 
-        correct = torch.cat([self.evaluator.correct(images[i:i + 256], prompts[i:i + 256])
-                             for i in range(0, len(images), 256)])
-        k, n = int(correct.sum()), len(correct)
+        k, n = self._correct, self._n
         lo, hi = wilson_interval(k, n)
-        per_attr = self.evaluator.attribute_accuracy(images, prompts)
         return {"prompt_accuracy": round(k / n, 4), "accuracy_ci95": [round(lo, 4), round(hi, 4)],
-                "frechet": round(float(frechet_distance(self._features(images), self.real_features)), 2),
-                **{f"acc_{a}": round(float(v), 4) for a, v in per_attr.items()}}
+                "frechet": round(float(frechet_distance(torch.cat(self._feats), self.real_features)), 2),
+                **{f"acc_{a}": round(v / n, 4) for a, v in self._attr.items()}}
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict:
+        self.reset()
+        self.update(images, prompts)
+        return self.compute()
+
+
+def metrics_for(cfg: PipelineConfig, device: torch.device):
+    """ToyMetrics in a toy world, the field's metrics (tlcm_core.metrics.RealMetrics) for real teachers, or None
+    (timing only) -- evaluate.metrics.kind; auto = toy in a toy world, else real when captions are given."""
+    m, ev, world = cfg.evaluate.metrics, cfg.evaluate, toy_world_of(cfg)
+    kind = m.kind if m.kind != "auto" else ("toy" if world else "real" if m.captions else "none")
+    if kind == "toy":
+        if not world:
+            raise ValueError(f"evaluate.metrics.kind=toy needs a toy teacher, not {cfg.teacher.source!r}")
+        return ToyMetrics(world, max(ev.num_samples, 256), ev.seed)
+    if kind == "real":
+        from .metrics import RealMetrics
+
+        return RealMetrics(m, device)
+    return None
 
 
 def evaluate_rows(cfg: PipelineConfig, lora: dict | None, steps: list[int], reporter: Reporter,
@@ -158,8 +194,7 @@ def evaluate_rows(cfg: PipelineConfig, lora: dict | None, steps: list[int], repo
     ev = cfg.evaluate
     device = resolve_device(cfg.compute)
     pipe = load_pipeline(cfg.teacher, device, resolve_dtype(cfg.compute, device))
-    world = toy_world_of(cfg)
-    metrics = ToyMetrics(world, max(ev.num_samples, 256), ev.seed) if world else None
+    metrics = metrics_for(cfg, device)
     jobs: list[tuple[str, int, dict | None]] = []
     teacher_steps = steps if lora is None else (include_teacher_steps or [])
     jobs += [("teacher-ddim-cfg", s, None) for s in teacher_steps]
@@ -175,21 +210,38 @@ def evaluate_rows(cfg: PipelineConfig, lora: dict | None, steps: list[int], repo
             samplers[key] = Sampler(cfg, pipe, lo)
         sampler = samplers[key]
         name = f"{method}@{n_steps}"
-        images, prompts, spi = sampler.sample(n_steps, ev.num_samples, ev.seed, ev.batch_size, mode=ev.sampler,
-                                              progress=lambda d, t: reporter.progress(f"evaluate {name}", d, t))
-        row = {"method": method, "steps": n_steps, "samples": ev.num_samples, "seconds_per_image": round(spi, 5)}
         if metrics is not None:
-            row.update(metrics(images, prompts))
+            metrics.reset()
+        seconds, done, shown = 0.0, 0, []
+        for images, prompts, sec in sampler.batches(n_steps, ev.num_samples, ev.seed, ev.batch_size, ev.sampler):
+            if metrics is not None:  # streamed: memory stays one batch, whatever num_samples is
+                metrics.update(images, prompts)
+            if len(shown) < ev.grid_size:
+                shown += list(images[:ev.grid_size - len(shown)])
+            seconds, done = seconds + sec, done + len(images)
+            reporter.progress(f"evaluate {name}", done, ev.num_samples)
+        row = {"method": method, "steps": n_steps, "samples": ev.num_samples,
+               "seconds_per_image": round(seconds / done, 5)}
+        if metrics is not None:
+            row.update(metrics.compute())
         rows.append(row)
-        if grids is not None and ev.grid_size:
-            grids[name] = grid_png(images[:ev.grid_size], prompts[:ev.grid_size])
+        if grids is not None and shown:
+            grids[name] = grid_png(torch.stack(shown))
     return rows
 
 
+# TLCM Table 1's columns (method, steps, time per image, FID, CS, AS, IR) when rows carry the real metrics
+TABLE1_COLUMNS = {"method": "method", "steps": "steps", "seconds_per_image": "time/img (s)", "fid": "FID",
+                  "clip_score": "CS", "aesthetic_score": "AS", "image_reward": "IR"}
+
+
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    headers = {}
+    if columns is None and any(k in r for r in rows for k in ("fid", "clip_score", "aesthetic_score", "image_reward")):
+        columns, headers = list(TABLE1_COLUMNS), TABLE1_COLUMNS
     columns = columns or ["method", "steps", "prompt_accuracy", "accuracy_ci95", "frechet", "seconds_per_image"]
     columns = [c for c in columns if any(c in r for r in rows)]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(headers.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)

@@ -1,8 +1,10 @@
 """LoRA attachment and (de)serialization -- kept in one place (STYLE.md 6).
 
-On disk a TLCM LoRA is a diffusers-format safetensors file (`unet.`-prefixed keys, as written by
-`save_lora_weights`, loadable by `pipe.load_lora_weights`) whose metadata records the LoRA config and the base
-model identity, so a LoRA of the wrong rank or for another base is refused before any work.
+Inside the pipeline a TLCM LoRA is a safetensors file of PEFT tensors under a `unet.` prefix
+(`unet.<module>.lora_A.weight` / `lora_B.weight`, every module named alike) whose metadata records the LoRA
+config (rank and alpha) and the base model identity, so a LoRA of the wrong rank or for another base is refused
+before any work. For other programs, the `export` stage writes the diffusers, kohya/ComfyUI and PEFT layouts
+(tlcm_core/export.py), with alpha folded in where the consumer assumes alpha = rank.
 """
 
 from __future__ import annotations
@@ -42,11 +44,10 @@ def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def lora_state_dict(unet: torch.nn.Module, adapter_name: str = ADAPTER) -> dict[str, torch.Tensor]:
-    """The adapter in diffusers' `unet.`-prefixed format (what `pipe.load_lora_weights` reads)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapter's PEFT tensors under a `unet.` prefix (lora_A/lora_B for every module; see the module doc)."""
     from peft.utils import get_peft_model_state_dict
 
-    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    sd = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     return {f"unet.{k}": v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 

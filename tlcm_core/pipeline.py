@@ -123,6 +123,19 @@ def _finetune_config(cfg: PipelineConfig) -> dict:
     return out
 
 
+def _run_export(cfg, inputs, out, reporter):
+    from .export import run_export
+
+    return run_export(cfg, inputs["lora"], out, reporter, metrics_art=inputs.get("metrics"))
+
+
+def _export_inputs(cfg: PipelineConfig) -> dict[str, str]:
+    stage = final_lora_stage(cfg, before="export")
+    if stage is None:
+        raise ValueError("stage 'export' needs a LoRA stage (mlcd, lcd or finetune) before it in stages")
+    return {"lora": stage, **({"metrics": "evaluate"} if "evaluate" in cfg.stages else {})}
+
+
 def _run_evaluate(cfg, inputs, out, reporter):
     from .evaluate import run_evaluate
 
@@ -148,6 +161,11 @@ SPECS: dict[str, StageSpec] = {
                    "schedule": c.schedule.model_dump(mode="json"), "lora": c.lora.model_dump(mode="json"),
                    "seed": c.compute.seed, "dtype": c.compute.dtype},
         _run_evaluate),
+    "export": StageSpec(
+        "export", 1, _export_inputs,
+        lambda c: {"teacher": _teacher(c), "export": c.export.model_dump(mode="json"),
+                   "schedule": c.schedule.model_dump(mode="json"), "lora": c.lora.model_dump(mode="json")},
+        _run_export),
 }
 
 
@@ -292,6 +310,7 @@ def run_stage(cfg: PipelineConfig, name: str, store: ArtifactStore | None = None
             return StageResult(name, art.uri, ps.fingerprint, True, m.summary)
         reporter.log(f"{name}: computing {art.uri}")
         summary = SPECS[name].run(cfg, inputs, art, reporter)
+        mine.check()  # another worker took over (our heartbeats stalled): it commits, not us
         art.commit(version=ps.version, config=ps.config, inputs={k: a.uri for k, a in inputs.items()},
                    summary=summary)
     reporter.log(f"{name}: committed {art.uri}")

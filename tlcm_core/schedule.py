@@ -175,12 +175,15 @@ def sampler_timesteps(n_steps: int, bounds: list[int]) -> list[int]:
     """The milestone timesteps an N-step TLCM sampler visits (descending, boundary 0 excluded).
 
     For the paper's grid (T=1000, M=8) and N in {1,2,3,4,8} these are the official ones; otherwise an evenly
-    spaced subset of the upper boundaries (N > M repeats no timestep: it is capped at M).
+    spaced subset of the upper boundaries. N may not exceed M (there are only M milestones to visit).
     """
     upper = sorted(bounds, reverse=True)[:-1]  # M upper boundaries, 999 first
+    if not 1 <= n_steps <= len(upper):
+        raise ValueError(f"a {n_steps}-step TLCM sampler needs {n_steps} milestones; this schedule has "
+                         f"{len(upper)} (schedule.segments); use 1..{len(upper)} steps")
     if upper == OFFICIAL_SAMPLER_TIMESTEPS[8] and n_steps in OFFICIAL_SAMPLER_TIMESTEPS:
         return list(OFFICIAL_SAMPLER_TIMESTEPS[n_steps])
-    if n_steps >= len(upper):
+    if n_steps == len(upper):
         return upper
     idx = torch.linspace(0, len(upper), n_steps + 1, dtype=torch.float64)[:-1].floor().long().tolist()
     return [upper[i] for i in idx]

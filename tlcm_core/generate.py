@@ -1,0 +1,165 @@
+"""`tlcm generate`: images from a TLCM LoRA, through the diffusers pipeline with `TLCMScheduler`.
+
+The base model comes from the LoRA's metadata (`base_model`, written by every training stage) or is given
+explicitly. Image i of a call uses its own generator seeded `seed + i`, for its starting noise and every re-noising
+draw, so an image does not depend on the batch it was generated in (up to the float rounding of batched kernels);
+with the same noise the pipeline reproduces `tlcm_core.samplers.tlcm_sample` exactly (tests/test_generate.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from .config import LoRAConfig, TeacherConfig
+from .lora import LoRAError, check_lora, load_lora_into
+
+
+@dataclass
+class LoRAFile:
+    """A TLCM LoRA read from disk/object storage, with what its metadata and surroundings say."""
+
+    state: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    url: str
+    config: LoRAConfig
+    base: dict  # teacher_identity of the base model it was trained on
+    segments: int | None = None  # from the stage manifest or an exported scheduler config, when next to the file
+    sampler: str | None = None
+
+
+def _read(url: str) -> bytes | None:
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+
+
+def read_lora(ref: str) -> LoRAFile:
+    """A TLCM LoRA from a .safetensors path/URL, a training-stage artifact (lora.safetensors) or an export folder
+    (diffusers/pytorch_lora_weights.safetensors)."""
+    from safetensors.torch import load
+
+    root = ref.rstrip("/")
+    candidates = [ref] if ref.endswith(".safetensors") else [f"{root}/lora.safetensors",
+                                                              f"{root}/diffusers/pytorch_lora_weights.safetensors"]
+    for url in candidates:
+        raw = _read(url)
+        if raw is not None:
+            break
+    else:
+        raise LoRAError(f"no TLCM LoRA at {ref} (looked for {', '.join(candidates)})")
+    try:
+        state = load(raw)
+        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    except Exception as e:
+        raise LoRAError(f"{url} is not a readable safetensors file ({e})") from None
+    metadata = dict(header.get("__metadata__") or {})
+    config = check_lora(state, metadata, where=url)
+    base = json.loads(metadata.get("base_model", "{}"))
+    segments = sampler = None
+    if not ref.endswith(".safetensors"):
+        manifest = _read(f"{root}/manifest.json")
+        sched = _read(f"{root}/scheduler/scheduler_config.json")
+        if sched is not None:
+            sc = json.loads(sched)
+            segments, sampler = sc.get("segments"), sc.get("sampler")
+        elif manifest is not None:
+            segments = json.loads(manifest).get("config", {}).get("schedule", {}).get("segments")
+    return LoRAFile(state, metadata, url, config, base, segments, sampler)
+
+
+def base_teacher(lora: LoRAFile, base: str | None = None, resolution: int | None = None) -> TeacherConfig:
+    """The base model to generate with: `base` if given, else the one recorded in the LoRA's metadata."""
+    saved = lora.base
+    if base is None and not saved.get("source"):
+        raise LoRAError(f"{lora.url}: its metadata names no base model; pass the base explicitly (--base)")
+    if base is not None:  # taken as given
+        return TeacherConfig(source=base, resolution=resolution or saved.get("resolution") or 1024)
+    return TeacherConfig(source=saved["source"], revision=saved.get("revision"), variant=saved.get("variant"),
+                         resolution=resolution or saved.get("resolution") or 1024)
+
+
+def check_base(lora: LoRAFile, teacher: TeacherConfig) -> None:
+    """Refuse a base whose identity (content hash where recorded) differs from the one the LoRA was trained on."""
+    from .models import teacher_identity
+
+    now = teacher_identity(teacher)
+    keys = [k for k in ("source", "revision", "variant", "content") if k in lora.base or k in now]
+    if any(lora.base.get(k) != now.get(k) for k in keys):
+        raise LoRAError(f"{lora.url} was trained on {lora.base} but the base model now is {now} (e.g. a retrained toy "
+                        "teacher); pass --base explicitly to generate with it anyway")
+
+
+def tlcm_pipeline(teacher: TeacherConfig, lora_state: dict[str, torch.Tensor], lora: LoRAConfig, *,
+                  segments: int = 8, sampler: str = "renoise", device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None):
+    """The base pipeline with the LoRA loaded (as in training: PEFT adapter `tlcm`) and the TLCM scheduler."""
+    from .config import ComputeConfig
+    from .models import load_pipeline, resolve_device, resolve_dtype
+    from .scheduler import TLCMScheduler
+
+    device = torch.device(device) if device is not None else resolve_device(ComputeConfig())
+    dtype = dtype or resolve_dtype(ComputeConfig(dtype="float16"), device)
+    pipe = load_pipeline(teacher, device, dtype)
+    load_lora_into(pipe.unet, lora_state, lora)
+    pipe.scheduler = TLCMScheduler.from_base(pipe.scheduler.config, segments=segments, sampler=sampler)
+    return pipe
+
+
+@torch.no_grad()
+def generate(base: str | TeacherConfig | None, lora_state: dict[str, torch.Tensor], prompts: list[str], steps: int,
+             seed: int, *, lora: LoRAConfig, resolution: int | None = None, segments: int = 8,
+             sampler: str = "renoise", batch_size: int = 8, device: torch.device | str | None = None,
+             dtype: torch.dtype | None = None, output_type: str = "pil", pipe=None):
+    """Images (PIL, or latents with output_type="latent") for `prompts`; image i from generator seed + i.
+
+    `pipe` reuses a pipeline from `tlcm_pipeline` (then base/lora_state/segments/sampler are not read again).
+    """
+    if not prompts:
+        raise ValueError("no prompts to generate")
+    if pipe is None:
+        teacher = base if isinstance(base, TeacherConfig) else TeacherConfig(source=base)
+        pipe = tlcm_pipeline(teacher, lora_state, lora, segments=segments, sampler=sampler, device=device,
+                             dtype=dtype)
+    # default size: the base's own (what its pipeline would use), e.g. 1024 for SDXL, 32 for the toy world
+    res = resolution or (base.resolution if isinstance(base, TeacherConfig) else None) or \
+        pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images: list = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
+        out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=0.0, generator=gens, height=res,
+                   width=res, output_type=output_type).images
+        images.extend(out if output_type == "pil" else list(out))
+    return images if output_type == "pil" else torch.stack(images)
+
+
+def upscale_for_viewing(image, min_side: int = 256, factor: int = 0):
+    """Nearest-neighbour upscale so tiny (toy) images are big enough to look at; factor 0 = automatic."""
+    from PIL import Image
+
+    k = factor or max(1, -(-min_side // min(image.size)))
+    return image if k == 1 else image.resize((image.width * k, image.height * k), Image.NEAREST)
+
+
+def image_grid(images: list, cols: int = 8):
+    from PIL import Image
+
+    cols = min(cols, len(images))
+    rows = -(-len(images) // cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * (w + 2), rows * (h + 2)), (0, 0, 0))
+    for k, im in enumerate(images):
+        r, c = divmod(k, cols)
+        grid.paste(im, (c * (w + 2) + 1, r * (h + 2) + 1))
+    return grid
+
+
+__all__ = ["LoRAFile", "base_teacher", "check_base", "generate", "image_grid", "read_lora", "tlcm_pipeline",
+           "upscale_for_viewing"]
