@@ -8,6 +8,7 @@ any artifact without running anything: `tlcm/mlcd` on its own locates the cached
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -309,7 +310,9 @@ def run_stage(cfg: PipelineConfig, name: str, store: ArtifactStore | None = None
             reporter.log(f"{name}: computed meanwhile by another worker: cache hit {art.uri}")
             return StageResult(name, art.uri, ps.fingerprint, True, m.summary)
         reporter.log(f"{name}: computing {art.uri}")
+        t0 = time.perf_counter()
         summary = SPECS[name].run(cfg, inputs, art, reporter)
+        summary = {**summary, "wall_seconds": round(time.perf_counter() - t0, 2)}  # this run's work (not resumed)
         mine.check()  # another worker took over (our heartbeats stalled): it commits, not us
         art.commit(version=ps.version, config=ps.config, inputs={k: a.uri for k, a in inputs.items()},
                    summary=summary)

@@ -1,0 +1,67 @@
+"""Shared bits of the benchmarks: machine/version header, tables, appending to bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+        cpu = model
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; python {platform.python_version()}, torch {torch.__version__}, "
+            f"threads {torch.get_num_threads()}")
+
+
+def versions() -> str:
+    import diffusers
+    import zarr
+
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent).stdout.strip()
+    return f"diffusers {diffusers.__version__}, zarr {zarr.__version__}, tlcm {sha or '?'}"
+
+
+def table(rows: list[dict], columns: list[str] | None = None) -> str:
+    columns = columns or list(rows[0])
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        out.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(out)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def report(title: str, rows: list[dict], notes: str = "", columns: list[str] | None = None,
+           append: bool = True) -> str:
+    """Print the table and append it, with the command, machine, versions and date, to bench/RESULTS.md."""
+    cmd = "python " + " ".join([os.path.relpath(sys.argv[0], Path(__file__).parent.parent)] + sys.argv[1:])
+    text = (f"\n### {title}\n\n`{cmd}` — {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine()}; "
+            f"{versions()}\n\n{table(rows, columns)}\n" + (f"\n{notes}\n" if notes else ""))
+    print(text)
+    if append and os.environ.get("TLCM_BENCH_NO_APPEND") != "1":
+        with open(RESULTS, "a") as f:
+            f.write(text)
+    return text
