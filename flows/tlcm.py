@@ -6,37 +6,70 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Completed
 
-from tasks.stages import stage_task
-from tlcm_core.config import PipelineConfig, apply_overrides, load_config, validate_config
-from tlcm_core.pipeline import plan
+from tasks.stages import PrefectReporter, stage_task
+from tlcm_core.config import STAGES, PipelineConfig, apply_overrides, load_config, validate_config
+from tlcm_core.pipeline import implemented_stages, plan
 
 
 def resolve_config(config: str | dict[str, Any], store: str | None = None,
-                   overrides: list[str] | None = None) -> PipelineConfig:
-    """A preset name, a YAML path, or an already-resolved config dict; then `store` and `--set` overrides."""
-    extra = list(overrides or []) + ([f"store.url={store}"] if store else [])
+                   overrides: list[str] | None = None, dispatch: str | None = None) -> PipelineConfig:
+    """A preset name, a YAML path, or an already-resolved config dict; then `store`, `--set` overrides and
+    `dispatch` (later ones win)."""
+    extra = list(overrides or []) + ([f"store.url={store}"] if store else []) + \
+        ([f"dispatch={dispatch}"] if dispatch else [])
     if isinstance(config, dict):
         return validate_config(apply_overrides(config, extra), source="flow parameter")
     return load_config(config, extra)
 
 
+def check_stage_names(p, names: list[str]) -> None:
+    """Every requested stage must be planned: a stage deployment never completes having done nothing."""
+    for s in names:
+        if s not in STAGES:
+            raise ValueError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
+        if s not in implemented_stages():
+            raise ValueError(f"stage {s!r} is not implemented yet; implemented: {', '.join(implemented_stages())}")
+        if s not in p.stages:
+            raise ValueError(f"stage {s!r} is not part of this config's pipeline ({', '.join(p.stages)}); add it to "
+                             "the config's `stages`")
+
+
+def publish_summary(name: str, results: list[dict], ran_here: bool) -> None:
+    """The run's UI artifacts: a table of stage artifacts (cache hit or computed, URI) and the final metrics
+    table, unless the evaluate stage already published it in this flow run (computed here, not cached)."""
+    lines = ["| stage | cached | artifact |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {'yes' if r['cached'] else 'no'} | `{r['uri']}` |" for r in results]
+    create_markdown_artifact("\n".join(lines), key="tlcm-stages", description=f"tlcm {name}: stage artifacts")
+    ev = next((r for r in results if r["stage"] == "evaluate"), None)
+    if ev and ev["summary"].get("rows") and (ev["cached"] or not ran_here):
+        PrefectReporter(bars=False).table("metrics", ev["summary"]["rows"],
+                                          description=f"evaluate ({'cache hit' if ev['cached'] else 'computed'}): "
+                                                      f"{ev['uri']}")
+
+
 @flow(name="tlcm", log_prints=True)
 def tlcm(config: str | dict[str, Any] = "toy", store: str | None = None, stages: list[str] | None = None,
          force: list[str] | None = None, overrides: list[str] | None = None, bars: bool = False,
-         shards: list[int] | None = None) -> list[dict]:
+         shards: list[int] | None = None, dispatch: str | None = None) -> list[dict]:
     """Run the TLCM pipeline's `stages` (default: the config's) and return each stage's artifact URI + summary.
 
     config: a preset (toy, toy-fast, sdxl, sd15), a YAML path, or a resolved config dict.
     store: artifact store URL (a folder, or s3://bucket/prefix); overrides store.url.
     force: stages to recompute, with everything downstream of them.
     overrides: `section.field=value` items, as `tlcm distill --set`.
-    shards: with a single sharded stage (teacher-trajectories), compute only these shards and do not commit
+    shards: with a single sharded stage (teacher-/lcd-trajectories), compute only these shards, do not commit
         (how `dispatch: deployments` fans one stage out over several workers).
+    dispatch: `local` or `deployments`; overrides the config's `dispatch` (the per-stage deployments pin
+        `local`, so a stage run never dispatches again).
+
+    A run whose every stage was a cache hit ends in a Completed state named `Cached`.
     """
     logger = get_run_logger()
-    cfg = resolve_config(config, store, overrides)
+    cfg = resolve_config(config, store, overrides, dispatch)
     p = plan(cfg)  # validates stage names and computes every fingerprint before any work
+    check_stage_names(p, list(stages or []) + list(force or []))
     todo = [s for s in p.stages if s in (stages or cfg.stages)]
     if shards is not None and len(todo) != 1:
         raise ValueError(f"shards={shards} needs exactly one (sharded) stage, got {todo}")
@@ -44,7 +77,7 @@ def tlcm(config: str | dict[str, Any] = "toy", store: str | None = None, stages:
     for f in force or []:
         forced.update(p.dependents(f))
     resolved = cfg.model_dump(mode="json")
-    if cfg.dispatch == "deployments":
+    if cfg.dispatch == "deployments" and shards is None:
         from flows.dispatch import run_stages_as_deployments
 
         results = run_stages_as_deployments(resolved, todo, forced)
@@ -54,9 +87,13 @@ def tlcm(config: str | dict[str, Any] = "toy", store: str | None = None, stages:
             # a cache hit finishes in a Completed state named "Cached"; its data is the same dict
             state = stage_task(s, resolved, force=s in forced, bars=bars, shards=shards, return_state=True)
             results.append(state.result())
-    lines = ["| stage | cached | artifact |", "|---|---|---|"]
-    lines += [f"| {r['stage']} | {'yes' if r['cached'] else 'no'} | `{r['uri']}` |" for r in results]
-    create_markdown_artifact("\n".join(lines), key="tlcm-stages", description=f"tlcm {cfg.name}: stage artifacts")
+    if shards is not None:  # part of a fanned-out stage: the final run reports the artifact
+        logger.info(f"{todo[0]}: shards {shards} written to {results[0]['uri']} (committed by the final run)")
+        return results
+    publish_summary(cfg.name, results, ran_here=cfg.dispatch != "deployments")
     for r in results:
         logger.info(f"{r['stage']}: {'cache hit' if r['cached'] else 'computed'} -> {r['uri']}")
+    if results and all(r["cached"] for r in results):
+        # visible in the UI and to a dispatcher that ran this flow as a deployment (flows/dispatch.py)
+        return Completed(data=results, name="Cached", message=f"cache hit: {', '.join(r['stage'] for r in results)}")
     return results

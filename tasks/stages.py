@@ -60,7 +60,9 @@ class PrefectReporter(Reporter):
                                  key=_key(key), description=description)
 
 
-@task(name="stage", task_run_name="{stage}", log_prints=True)
+# persist_result=False (hence no Prefect cache): results are small dicts rebuilt from the store, and Prefect's
+# default result serializer is pickle -- a cached or retried task would unpickle whatever its result storage holds.
+@task(name="stage", task_run_name="{stage}", log_prints=True, persist_result=False)
 def stage_task(stage: str, config: dict, force: bool = False, bars: bool = False, shards: list[int] | None = None):
     """Run (or find cached) one stage; returns {stage, uri, fingerprint, cached, summary}.
     With `shards`, compute only those shards of a sharded stage (no commit)."""
@@ -68,8 +70,10 @@ def stage_task(stage: str, config: dict, force: bool = False, bars: bool = False
     reporter = PrefectReporter(bars=bars)
     result = run_stage(cfg, stage, reporter=reporter, force=force, shards=shards)
     out = result.as_dict()
+    what = ("cache hit" if result.cached else "computed") if shards is None else \
+        f"shards {shards} written; committed by the run without shards"
     create_link_artifact(result.uri if "://" in result.uri else f"file://{result.uri}", link_text=result.uri,
-                         key=_key(f"artifact-{stage}"), description=f"{stage} artifact ({'cache hit' if result.cached else 'computed'})")
+                         key=_key(f"artifact-{stage}"), description=f"{stage} artifact ({what})")
     if result.cached:
         return Completed(data=out, name="Cached", message=f"cache hit: {result.uri}")
     return out

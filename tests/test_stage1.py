@@ -104,3 +104,35 @@ def test_stored_pairs_are_mds_states_and_one_teacher_jump(tiny_teacher, tmp_path
             x0, _ = teacher.guided(x, sp.t_hi[i:i + 1], c, uncond, cfg.schedule.guidance)
             lo = ddim(sch, x, x0, int(sp.t_hi[i]), int(sp.t_lo[i]))
             torch.testing.assert_close(torch.from_numpy(x_lo[i:i + 1]), lo, rtol=1e-4, atol=1e-4)
+
+
+def test_two_shard_workers_at_once_then_commit(tiny_teacher, tmp_path):
+    """Two processes fill disjoint shards of one artifact at the same time (both encode the text conditioning);
+    the final run commits; the result equals a single-process run byte for byte."""
+    import subprocess
+    import sys
+
+    def cfg_for(store):
+        return tiny_config(tiny_teacher, str(store), "trajectories.num_samples=32")
+
+    code = ("import sys; from tlcm_core.config import load_config; from tlcm_core.pipeline import run_stage; "
+            "from tlcm_core.progress import SilentReporter; import json; "
+            "cfg = load_config('toy-fast', json.loads(sys.argv[1])); "
+            "run_stage(cfg, 'teacher-trajectories', reporter=SilentReporter(), shards=[int(sys.argv[2])])")
+    import json
+
+    args = [f"teacher.source={tiny_teacher}", f"store.url={tmp_path / 'par'}", "trajectories.num_samples=32",
+            "trajectories.shard_size=16", "trajectories.batch_size=16", "mlcd.iterations=6", "mlcd.batch_size=8",
+            "mlcd.checkpoint_every=3", "mlcd.log_every=2", "evaluate.num_samples=8", "evaluate.steps=[1,2]",
+            "evaluate.teacher_steps=[2]", "evaluate.batch_size=8", "lora.rank=4"]
+    procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(args), str(i)]) for i in (0, 1)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    par = cfg_for(tmp_path / "par")
+    art = open_store(par).artifact("teacher-trajectories", plan(par)["teacher-trajectories"].fingerprint)
+    assert art.done_markers() == {"text", "shard-00000", "shard-00001"} and not art.exists()  # filled, not committed
+    (res,) = run_pipeline(par, stages=["teacher-trajectories"], reporter=SilentReporter())
+    assert not res.cached and res.summary["num_samples"] == 32
+    (ref,) = run_pipeline(cfg_for(tmp_path / "seq"), stages=["teacher-trajectories"], reporter=SilentReporter())
+    a = open_store(par).artifact("teacher-trajectories", res.fingerprint).manifest(verify="checksum")
+    b = open_store(cfg_for(tmp_path / "seq")).artifact("teacher-trajectories", ref.fingerprint).manifest()
+    assert {k: v.sha256 for k, v in a.files.items()} == {k: v.sha256 for k, v in b.files.items()}

@@ -299,7 +299,8 @@ class PipelineConfig(Section):
     stages: list[str] = Field(default_factory=lambda: ["teacher-trajectories", "mlcd", "evaluate"])
     # local: every stage in this process; deployments: each stage as its own `tlcm/<stage>` deployment run
     dispatch: Literal["local", "deployments"] = "local"
-    shard_runs: int = Field(1, ge=1, le=256, description="with dispatch=deployments: parallel trajectory shard runs")
+    shard_runs: int = Field(1, ge=1, le=256, description="with dispatch=deployments: parallel shard runs of "
+                            "teacher-trajectories and lcd-trajectories")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
