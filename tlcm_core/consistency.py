@@ -62,6 +62,7 @@ def train_consistency_stage(cfg: PipelineConfig, tcfg: TrainerConfig, *, name: s
     device = accelerator.device if accelerator is not None else resolve_device(cfg.compute)
     schedule = load_schedule(cfg.teacher)
     unet = load_unet(cfg.teacher, device, torch.float32)
+    torch.manual_seed(cfg.compute.seed)  # PEFT draws the LoRA's initial weights from the global RNG
     if init_lora_uri is not None:  # continue the previous stage's LoRA (one LoRA through all stages)
         init = open_lora(cfg, init_lora_uri, pairs_art.store)
         load_lora_into(unet, init, cfg.lora)

@@ -39,3 +39,45 @@ def load_prompts(source: str) -> list[str]:
 
 def prompts_digest(prompts: list[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+
+
+def check_prompt_lengths(prompts: list[str], teacher, source: str = "prompts") -> None:
+    """Every prompt fits the teacher's tokenizer(s), checked with the tokenizers alone, before the teacher loads.
+
+    `teacher` is a TeacherConfig. The teacher is checked first (a folder that is not an SD/SDXL pipeline fails
+    with a TeacherError naming it); a longer prompt would be silently truncated by the text encoder, so this
+    raises PromptsError naming the lines, their token counts and the limit.
+    """
+    from .models import check_teacher, quiet_hub_logging
+
+    src = check_teacher(teacher)
+    import json
+    import os
+
+    index_path = os.path.join(src, "model_index.json")
+    index = {}
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            index = json.load(f)
+    subfolders = ["tokenizer"] + (["tokenizer_2"] if index.get("tokenizer_2") and None not in index["tokenizer_2"]
+                                  else [])
+    from transformers import CLIPTokenizer
+
+    quiet_hub_logging()
+    too_long: dict[int, str] = {}
+    for sub in subfolders:
+        try:
+            tok = CLIPTokenizer.from_pretrained(src, subfolder=sub, revision=teacher.revision)
+        except Exception as e:  # noqa: BLE001 - report which teacher part is unusable
+            raise PromptsError(f"cannot load the teacher's {sub} from {teacher.source!r} to check the prompts: "
+                               f"{type(e).__name__}: {str(e)[:200]}") from None
+        limit = tok.model_max_length
+        ids = tok(prompts, truncation=False)["input_ids"]
+        for i, (p, n) in enumerate(zip(prompts, ids)):
+            if len(n) > limit and i not in too_long:
+                too_long[i] = f"prompt {i + 1} ({len(n)} tokens > {limit} allowed by the {sub}): {p[:60]!r}"
+    if too_long:
+        lines = [too_long[i] for i in sorted(too_long)]
+        raise PromptsError(f"{source}: {len(lines)} prompt(s) longer than the teacher's tokenizer allows (the text "
+                           "encoder would silently cut them); shorten them:\n  " + "\n  ".join(lines[:10])
+                           + (f"\n  ... and {len(lines) - 10} more" if len(lines) > 10 else ""))

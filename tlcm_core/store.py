@@ -5,6 +5,11 @@ An artifact lives at ``{root}/{stage}/{fingerprint}/`` and is complete exactly w
 checkpoints) lives in the same folder and is resumed, never trusted as complete; :meth:`Artifact.commit`
 hashes every file and writes the manifest last, in one atomic step (DESIGN.md, "Artifacts and caching").
 
+Remote stores retry transient errors (unreachable endpoint, timeouts, throttling, 5xx) with exponential
+backoff and jitter for a bounded time per operation (:class:`RetryPolicy`, from ``TLCM_STORE_RETRY_*``), on
+the store's own requests and on zarr chunk I/O alike; past the budget a :class:`StoreUnavailableError` names
+the store and the file. Permanent errors (missing file, no permission) are never retried.
+
 Secrets (storage options, credentials) are kept out of ``repr``, exception messages and manifests.
 """
 
@@ -15,15 +20,20 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import logging
+import math
 import os
 import posixpath
+import random
 import re
 import shutil
 import struct
 import subprocess
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -43,7 +53,9 @@ __all__ = [
     "FileEntry",
     "IncompleteArtifactError",
     "Manifest",
+    "RetryPolicy",
     "StoreError",
+    "StoreUnavailableError",
     "UnsafePathError",
     "fingerprint",
     "storage_options_from_env",
@@ -58,6 +70,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HASH_BLOCK = 8 * 2**20
 _SMALL_FILE = 16 * 2**20  # read in one request when hashing
 _BATCH_BYTES = 128 * 2**20  # remote hashing: bytes fetched concurrently per batch
+
+log = logging.getLogger("tlcm.store")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -78,6 +92,204 @@ class IncompleteArtifactError(StoreError):
 
 class UnsafePathError(StoreError, ValueError):
     """A relative path or URI would escape the artifact folder or the store root."""
+
+
+class StoreUnavailableError(StoreError):
+    """A remote store kept failing with transient errors (unreachable, timeouts, throttling, 5xx) for longer
+    than the retry budget. Work written so far stays as partial work: a rerun resumes it."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Retries for transient remote-store errors
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, bounded in total time per operation.
+
+    An operation is retried while the next attempt would start within ``total_s`` of the first one; delays
+    grow as ``base_s * 2**attempt`` (capped at ``max_delay_s``) times a random factor in [0.5, 1].
+    Defaults come from ``TLCM_STORE_RETRY_TOTAL_S``, ``TLCM_STORE_RETRY_BASE_S`` and
+    ``TLCM_STORE_RETRY_MAX_DELAY_S``; ``total_s=0`` disables retries.
+    """
+
+    total_s: float = 120.0
+    base_s: float = 0.2
+    max_delay_s: float = 10.0
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        def value(name: str, default: float) -> float:
+            raw = os.environ.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                v = float(raw)
+            except ValueError:
+                v = float("nan")
+            if not math.isfinite(v) or v < 0:
+                raise StoreError(f"{name}={raw!r} must be a non-negative number of seconds")
+            return v
+
+        return cls(value("TLCM_STORE_RETRY_TOTAL_S", cls.total_s), value("TLCM_STORE_RETRY_BASE_S", cls.base_s),
+                   value("TLCM_STORE_RETRY_MAX_DELAY_S", cls.max_delay_s))
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_delay_s, self.base_s * 2.0 ** attempt) * (0.5 + 0.5 * random.random())
+
+
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+_TRANSIENT_NAMES = {
+    "ReadTimeoutError", "ConnectTimeoutError", "IncompleteRead", "ResponseParserError", "ClientPayloadError",
+    "ServerDisconnectedError", "ClientOSError", "FSTimeoutError", "ResponseStreamingError", "ProtocolError",
+    "ConnectionClosedError", "ClientConnectionResetError",
+}
+_TRANSIENT_CODES = {
+    "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "ThrottlingException",
+    "RequestLimitExceeded", "TooManyRequestsException", "BadGateway", "GatewayTimeout",
+}
+
+
+def _is_transient(e: BaseException) -> bool:
+    """Whether retrying might help: connection trouble, timeouts, throttling, server errors (5xx)."""
+    if isinstance(e, _PERMANENT):
+        return False
+    if _is_connection_error(e):
+        return True
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if type(x).__name__ in _TRANSIENT_NAMES:
+            return True
+        response = getattr(x, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0
+            if code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
+                return True
+        x = x.__cause__ or x.__context__
+    return False
+
+
+def _retry_call(policy: RetryPolicy, fn: Callable[[], Any], explain: Callable[[BaseException, int, float], str],
+                what: str, missing_ok_on_retry: bool = False) -> Any:
+    t0 = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except FileNotFoundError:
+            if missing_ok_on_retry and attempt > 0:  # a delete whose first try landed but lost its answer
+                return None
+            raise
+        except Exception as e:
+            if not _is_transient(e):
+                raise
+            elapsed = time.monotonic() - t0
+            d = policy.delay(attempt)
+            if elapsed + d > policy.total_s:
+                raise StoreUnavailableError(explain(e, attempt + 1, elapsed)) from e
+            attempt += 1
+            log.warning("%s: transient %s; retry %d in %.2f s", what, type(e).__name__, attempt, d)
+            time.sleep(d)
+
+
+async def _aretry_call(policy: RetryPolicy, fn: Callable[[], Any], explain, what: str,
+                       missing_ok_on_retry: bool = False) -> Any:
+    import asyncio
+
+    t0 = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            return await fn()
+        except FileNotFoundError:
+            if missing_ok_on_retry and attempt > 0:
+                return None
+            raise
+        except Exception as e:
+            if not _is_transient(e):
+                raise
+            elapsed = time.monotonic() - t0
+            d = policy.delay(attempt)
+            if elapsed + d > policy.total_s:
+                raise StoreUnavailableError(explain(e, attempt + 1, elapsed)) from e
+            attempt += 1
+            log.warning("%s: transient %s; retry %d in %.2f s", what, type(e).__name__, attempt, d)
+            await asyncio.sleep(d)
+
+
+# fsspec methods that talk to the store and are safe to repeat (deletes: a missing file on a retry is success)
+_RETRIED_METHODS = frozenset({
+    "cat_file", "cat", "pipe_file", "pipe", "exists", "isfile", "isdir", "info", "ls", "find", "glob", "du",
+    "size", "sizes", "rm", "rm_file", "get_file", "put_file", "get", "put", "mkdir", "makedirs", "touch",
+    "head", "tail", "checksum", "modified",
+})
+_DELETES = frozenset({"rm", "rm_file"})
+
+
+class _RetryingFS:
+    """An fsspec filesystem whose request methods retry transient errors under the store's RetryPolicy."""
+
+    def __init__(self, fs, store: ArtifactStore):
+        self.__dict__["_fs"] = fs
+        self.__dict__["_store"] = store
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._fs, name)
+        if name not in _RETRIED_METHODS or not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            target = args[0] if args and isinstance(args[0], str) else (
+                f"{len(args[0])} paths" if args and isinstance(args[0], (list, tuple)) else "")
+            return _retry_call(self._store.retry, lambda: attr(*args, **kwargs),
+                               lambda e, n, t: self._store._unavailable(e, n, t, name, target),
+                               f"{self._store.url}: {name} {target}", missing_ok_on_retry=name in _DELETES)
+
+        return call
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._fs, name, value)
+
+    def __repr__(self) -> str:
+        return f"_RetryingFS({type(self._fs).__name__})"
+
+
+class _RetryingZarrStore(zarr.storage.WrapperStore):
+    """zarr chunk and metadata I/O with the same retries as the artifact store's own requests."""
+
+    def __init__(self, store, artifact_store: ArtifactStore | None = None, url: str = ""):
+        super().__init__(store)
+        self._art_store = artifact_store
+        self._url = url
+
+    def _with_store(self, store):
+        return type(self)(store, self._art_store, self._url)
+
+    async def _retry(self, op: str, key: str, fn, missing_ok: bool = False):
+        s = self._art_store
+        target = f"{self._url}/{key}"
+        return await _aretry_call(s.retry, fn, lambda e, n, t: s._unavailable(e, n, t, op, target),
+                                  f"{target}: {op}", missing_ok_on_retry=missing_ok)
+
+    async def get(self, key, prototype, byte_range=None):
+        return await self._retry("read", key, lambda: self._store.get(key, prototype, byte_range))
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        return await self._retry("read", key_ranges[0][0] if key_ranges else "",
+                                 lambda: self._store.get_partial_values(prototype, key_ranges))
+
+    async def exists(self, key):
+        return await self._retry("check", key, lambda: self._store.exists(key))
+
+    async def set(self, key, value):
+        return await self._retry("write", key, lambda: self._store.set(key, value))
+
+    async def delete(self, key):
+        return await self._retry("delete", key, lambda: self._store.delete(key), missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -249,6 +461,22 @@ def _same_fill(a: Any, b: Any) -> bool:
         return bool(np.array_equal(np.asarray(a), np.asarray(b)))
 
 
+def _canonical_safetensors(blob: bytes) -> bytes:
+    """The same safetensors file with its ``__metadata__`` keys in sorted order.
+
+    safetensors writes the metadata map in hash order, which changes from one process to the next: equal tensors
+    and metadata would give files with different sha256 and break content checksums between equal runs.
+    """
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = {"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}
+    ordered.update(header)
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
+    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Store
 
@@ -256,7 +484,8 @@ def _same_fill(a: Any, b: Any) -> bool:
 class ArtifactStore:
     """Artifacts under one root URL: ``{url}/{stage}/{fingerprint}/``."""
 
-    def __init__(self, url: str, storage_options: dict | None = None):
+    def __init__(self, url: str, storage_options: dict | None = None, retry: RetryPolicy | None = None):
+        self.retry = retry if retry is not None else RetryPolicy.from_env()
         if not isinstance(url, str) or not url.strip():
             raise StoreError(f"store URL must be a non-empty string, got {url!r}")
         url = url.strip()
@@ -283,6 +512,12 @@ class ArtifactStore:
                 opts = dict(storage_options) if storage_options is not None else storage_options_from_env()
                 # Listings are shared between workers; a cached listing would hide their markers/manifests.
                 opts.setdefault("use_listings_cache", False)
+                # One place retries, with a bounded budget (RetryPolicy): botocore makes a single attempt per
+                # request unless the caller configured its retries, and gives up connecting after 10 s.
+                config = dict(opts.get("config_kwargs") or {})
+                config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+                config.setdefault("connect_timeout", 10)
+                opts["config_kwargs"] = config
             else:
                 opts = dict(storage_options or {})
             self._opts = opts
@@ -299,6 +534,22 @@ class ArtifactStore:
             self.url = self.fs.unstrip_protocol(root).rstrip("/")
             if protocol == "s3a":
                 self.url = "s3a://" + root
+            self.fs = _RetryingFS(self.fs, self)
+
+    def _endpoint(self) -> str:
+        return _safe_endpoint(self._opts.get("endpoint_url")
+                              or (self._opts.get("client_kwargs") or {}).get("endpoint_url"))
+
+    def _unavailable(self, e: BaseException, attempts: int, elapsed: float, op: str, target: str) -> str:
+        """The message of a StoreUnavailableError: which store and file, for how long, what to do."""
+        if target and not target.startswith(self.url) and "://" not in target and not target.endswith(" paths"):
+            target = self._full(target)
+        where = f" at {self._endpoint()}" if self._protocol in ("s3", "s3a") else ""
+        return (f"store {self.url}{where} is unavailable: {op} {target} failed {attempts} time(s) over "
+                f"{elapsed:.1f} s with transient errors, last {type(e).__name__}: "
+                f"{self._redact(str(e))[:300]}. Gave up after the retry budget of {self.retry.total_s:g} s "
+                "(TLCM_STORE_RETRY_TOTAL_S). Nothing unfinished is marked complete; rerun once the store is "
+                "reachable and the work resumes where it stopped.")
 
     # -- identity ------------------------------------------------------------------------------------
 
@@ -453,9 +704,18 @@ class ArtifactStore:
                     candidates.append((stage, fp, f"{fp_dir}/{MANIFEST_NAME}"))
         if not candidates:
             return manifests
-        blobs = self.fs.cat([c[2] for c in candidates], on_error="omit")
+        blobs = self.fs.cat([c[2] for c in candidates], on_error="return")
+        if not isinstance(blobs, dict):
+            blobs = {candidates[0][2]: blobs}
         for stage, fp, path in candidates:
             data = blobs.get(path)
+            if isinstance(data, FileNotFoundError):
+                continue
+            if isinstance(data, BaseException):  # e.g. a transient error: fetch it again, with retries
+                try:
+                    data = self.fs.cat_file(path)
+                except FileNotFoundError:
+                    continue
             if data is None:
                 continue
             try:
@@ -616,6 +876,10 @@ class Artifact:
         prefix = self._root + "/"
         out = {}
         for path, info in found.items():
+            if info.get("islink") and path.startswith(prefix):  # a link could make us read/hash a file elsewhere
+                raise CorruptArtifactError(
+                    f"artifact {self.uri}: file {path[len(prefix):]} is a symbolic link (to "
+                    f"{info.get('destination', '?')}); artifacts hold plain files only")
             if info.get("type", "file") != "file" or not path.startswith(prefix):
                 continue
             out[path[len(prefix):]] = int(info["size"])
@@ -625,12 +889,21 @@ class Artifact:
         """sha256 of each file; large files streamed, small remote files fetched concurrently in batches."""
         digests: dict[str, str] = {}
         small = sorted(r for r, s in sizes.items() if s <= _SMALL_FILE)
-        for rel in sorted(set(sizes) - set(small)):
+        def hash_large(rel: str) -> str:
             h = hashlib.sha256()
             with self.fs.open(f"{self._root}/{rel}", "rb", block_size=_HASH_BLOCK) as f:
                 while block := f.read(_HASH_BLOCK):
                     h.update(block)
-            digests[rel] = h.hexdigest()
+            return h.hexdigest()
+
+        for rel in sorted(set(sizes) - set(small)):
+            if self.store.is_local:
+                digests[rel] = hash_large(rel)
+            else:
+                digests[rel] = _retry_call(
+                    self.store.retry, lambda rel=rel: hash_large(rel),
+                    lambda e, n, t, rel=rel: self.store._unavailable(e, n, t, "read", self.path(rel)),
+                    f"{self.uri}: hash {rel}")
         batch: list[str] = []
         batch_bytes = 0
 
@@ -698,7 +971,7 @@ class Artifact:
         from safetensors.torch import save
 
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        self.write_bytes(rel, save(cpu, metadata=metadata))
+        self.write_bytes(rel, _canonical_safetensors(save(cpu, metadata=metadata)))
 
     def load_tensors(self, rel: str, device: str = "cpu") -> dict[str, torch.Tensor]:
         from safetensors.torch import load, load_file
@@ -777,8 +1050,9 @@ class Artifact:
     def _zarr_store(self, rel: str, read_only: bool):
         if self.store.is_local:
             return zarr.storage.LocalStore(self._p(rel), read_only=read_only)
-        return zarr.storage.FsspecStore.from_url(
+        inner = zarr.storage.FsspecStore.from_url(
             self.path(rel), storage_options=self.store._opts, read_only=read_only)
+        return _RetryingZarrStore(inner, self.store, self.path(rel))
 
     def create_array(self, rel: str, shape, chunks, dtype, fill_value=0,
                      overwrite: bool = False) -> zarr.Array:

@@ -110,19 +110,27 @@ class PairBatches:
         q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
         stop = threading.Event()
 
+        def put(item) -> bool:
+            while not stop.is_set():  # never block for good: the consumer may be gone
+                try:
+                    q.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
         def producer():
             try:
                 for epoch, gi, shards, skip in self._schedule(start_step):
-                    group = self._load_group(epoch, gi, shards)[skip:]
-                    if stop.is_set():
+                    if not put(self._load_group(epoch, gi, shards)[skip:]):
                         return
-                    q.put(group)
             except BaseException as e:  # surface loader errors in the training thread
-                q.put(e)
+                put(e)
 
         if self.prefetch == 0:
             for epoch, gi, shards, skip in self._schedule(start_step):
                 yield from self._load_group(epoch, gi, shards)[skip:]
+            return
         th = threading.Thread(target=producer, daemon=True)
         th.start()
         try:
@@ -131,8 +139,9 @@ class PairBatches:
                 if isinstance(item, BaseException):
                     raise item
                 yield from item
-        finally:
+        finally:  # the consumer closed the iterator (or dropped it): let the thread finish
             stop.set()
+            th.join(timeout=5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -199,7 +208,16 @@ class Checkpointer:
         from safetensors.torch import load as load_safetensors
 
         lora = load_safetensors(self._verified(info, "lora.safetensors"))
-        state = torch.load(io.BytesIO(self._verified(info, "state.pt")), weights_only=True)
+        try:
+            state = torch.load(io.BytesIO(self._verified(info, "state.pt")), weights_only=True)
+        except Exception as e:  # noqa: BLE001 - the unpickler's refusal or a damaged file
+            from .store import CorruptArtifactError
+
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise CorruptArtifactError(
+                f"artifact {self.art.uri}: checkpoint file {info['dir']}/state.pt is not a plain tensor checkpoint "
+                f"(torch.load(weights_only=True) refused it: {first}); it is never unpickled. Delete "
+                f"{self.art.uri}/checkpoints to restart this stage from step 0.") from None
         state["log"] = json.loads(state["log"])
         return lora, state
 
@@ -256,7 +274,8 @@ def train_loop(cfg: TrainerConfig, *, name: str, model: torch.nn.Module, params:
     start = step
     if accelerator is not None:
         model, opt = accelerator.prepare(model, opt)
-    it = itertools.islice(batches(step * cfg.grad_accum * world + rank), 0, None, world)
+    source = batches(step * cfg.grad_accum * world + rank)
+    it = itertools.islice(source, 0, None, world)
     t0, window = time.perf_counter(), []
     while step < cfg.iterations:
         for _ in range(cfg.grad_accum):
@@ -287,4 +306,6 @@ def train_loop(cfg: TrainerConfig, *, name: str, model: torch.nn.Module, params:
             if accelerator is not None:
                 accelerator.wait_for_everyone()
     elapsed = time.perf_counter() - t0
+    if hasattr(source, "close"):
+        source.close()  # stops the prefetch thread now, not whenever the generator is collected
     return TrainResult(get_lora(), log, start, (step - start) / elapsed if elapsed > 0 and step > start else 0.0)

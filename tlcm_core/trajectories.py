@@ -95,7 +95,7 @@ def encode_text_arrays(cfg: PipelineConfig, art, pipe, prompts: list[str]) -> No
         for name, t in c.tensors().items():
             t = t.float().cpu().numpy()
             arr = art.create_array(f"{prefix}/{name}", shape=t.shape, chunks=(min(rows, t.shape[0]),) + t.shape[1:],
-                                   dtype="float32", overwrite=True)
+                                   dtype="float32")  # no overwrite: concurrent shard runs write identical chunks
             arr[...] = t
     art.mark_done("text", {"num_prompts": len(prompts)})
 
@@ -165,8 +165,8 @@ def fill_pair_shards(cfg: PipelineConfig, art, reporter: Reporter, *, stage: str
     """Shared by every pair-producing stage: text conditioning once, then every missing shard (or only
     `shards`), each written to its chunk-aligned rows and marked done. `setup(pipe, cond, uncond)` returns the
     function that computes one shard; the pipeline is loaded only if some shard is missing."""
-    from .models import check_prompts, load_pipeline, resolve_device, resolve_dtype
-    from .prompts import load_prompts
+    from .models import load_pipeline, resolve_device, resolve_dtype
+    from .prompts import check_prompt_lengths, load_prompts
 
     device = device or resolve_device(cfg.compute)
     prompts = load_prompts(cfg.trajectories.prompts)
@@ -176,8 +176,8 @@ def fill_pair_shards(cfg: PipelineConfig, art, reporter: Reporter, *, stage: str
     summary = {"num_samples": num_samples, "num_shards": total, "num_prompts": len(prompts)}
     if not todo and art.is_done("text"):  # every shard is there (e.g. filled by other workers): no model needed
         return {**summary, "latent_shape": list(art.open_array("x_hi").shape[1:])}
+    check_prompt_lengths(prompts, cfg.teacher, source=cfg.trajectories.prompts)  # tokenizers only: before the teacher
     pipe = load_pipeline(cfg.teacher, device, resolve_dtype(cfg.compute, device))
-    check_prompts(pipe, prompts, source=cfg.trajectories.prompts)
     encode_text_arrays(cfg, art, pipe, prompts)
     shape = latent_shape(pipe, cfg.teacher.resolution)
     arrays = create_sample_arrays(art, shape, num_samples, shard_size, storage_dtype)

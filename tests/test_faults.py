@@ -1,0 +1,539 @@
+"""Fault injection (tests/README.md has the fault table): SIGKILL during a trajectory shard, during training and
+during an artifact commit; an S3 endpoint that goes away for a while or for good; corrupted chunks, LoRAs,
+manifests and checkpoints. Every fault is injected for real -- a killed process, a cut TCP connection, bytes
+changed on disk -- and every rerun is compared with an uninterrupted run of the same config.
+
+Killed workers are forked from the test process (already warm: no 7 s of imports per worker), run
+`run_pipeline` in their own process group, and are SIGKILLed by the test; nothing is left running.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import S3_SECRET, free_port
+
+from tlcm_core.config import load_config
+from tlcm_core.pipeline import open_store, plan, run_pipeline
+from tlcm_core.progress import Reporter, SilentReporter
+from tlcm_core.store import Artifact, ArtifactStore, CorruptArtifactError, StoreUnavailableError
+from tlcm_core.trajectories import sample_seed
+
+TRAJ, MLCD = "teacher-trajectories", "mlcd"
+N, SHARD = 48, 16  # 3 shards
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared helpers (also imported by the other fault-test modules)
+
+
+_CACHE: dict[str, object] = {}
+
+
+def tiny_teacher_dir() -> str:
+    """A tiny random-weight SDXL-shaped teacher saved as a diffusers folder, built once per session."""
+    if "teacher" not in _CACHE:
+        from tlcm_core.toy.pipeline import build_toy_pipeline
+
+        root = tempfile.mkdtemp(prefix="tlcm-faults-teacher-")
+        atexit.register(shutil.rmtree, root, True)
+        build_toy_pipeline(seed=3).save_pretrained(os.path.join(root, "tiny-sdxl"))
+        _CACHE["teacher"] = os.path.join(root, "tiny-sdxl")
+    return _CACHE["teacher"]  # type: ignore[return-value]
+
+
+def fault_config(store: str, *extra: str):
+    """Tiny trajectories (48 samples, 3 shards) and MLCD (8 steps, checkpoints at 3 and 6, warmup over all 8 steps
+    so that a resumed learning-rate schedule must be exact)."""
+    return load_config("toy-fast", [
+        f"teacher.source={tiny_teacher_dir()}", f"store.url={store}", "stages=[teacher-trajectories,mlcd]",
+        f"trajectories.num_samples={N}", f"trajectories.shard_size={SHARD}", "trajectories.batch_size=16",
+        "mlcd.iterations=8", "mlcd.batch_size=8", "mlcd.checkpoint_every=3", "mlcd.log_every=2", "mlcd.warmup=8",
+        "mlcd.prefetch=1", "lora.rank=4", *extra])
+
+
+def reference() -> tuple[object, ArtifactStore]:
+    """An uninterrupted run of trajectories + MLCD (once per session): what every faulted run must reproduce."""
+    if "reference" not in _CACHE:
+        root = tempfile.mkdtemp(prefix="tlcm-faults-reference-")
+        atexit.register(shutil.rmtree, root, True)
+        cfg = fault_config(os.path.join(root, "store"))
+        results = run_pipeline(cfg, reporter=SilentReporter())
+        assert [r.cached for r in results] == [False, False]
+        _CACHE["reference"] = (cfg, open_store(cfg))
+    return _CACHE["reference"]  # type: ignore[return-value]
+
+
+def ref_artifact(stage: str) -> Artifact:
+    cfg, store = reference()
+    return store.artifact(stage, plan(cfg)[stage].fingerprint)
+
+
+def copy_artifact(stage: str, dest_root: str | Path) -> None:
+    """Copy a reference artifact folder into another local store (fingerprints do not depend on the store)."""
+    src = ref_artifact(stage)
+    shutil.copytree(src.uri, os.path.join(dest_root, stage, src.fingerprint))
+
+
+def assert_same_trajectories(art: Artifact) -> None:
+    """Same files with the same sha256 as the uninterrupted run, every array equal byte for byte, and exactly the
+    N planned samples (no sample missing, none twice)."""
+    ref = ref_artifact(TRAJ)
+    got, want = art.manifest("checksum"), ref.manifest("checksum")
+    assert got.files == want.files
+    assert got.summary["num_samples"] == want.summary["num_samples"] == N
+    arrays = sorted(rel[: -len("/zarr.json")] for rel in want.files if rel.endswith("/zarr.json"))
+    assert {"x_hi", "x_lo", "t_hi", "t_lo", "seed", "prompt_idx"} <= set(arrays)
+    for name in arrays:
+        a, b = art.open_array(name)[...], ref.open_array(name)[...]
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name
+    seeds = art.open_array("seed")[...]
+    assert seeds.tolist() == [sample_seed(0, i) for i in range(N)] and len(set(seeds.tolist())) == N
+
+
+def assert_same_lora(art: Artifact) -> None:
+    got, want = art.load_tensors("lora.safetensors"), ref_artifact(MLCD).load_tensors("lora.safetensors")
+    assert set(got) == set(want) and got
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert art.manifest("checksum").files["lora.safetensors"] == ref_artifact(MLCD).manifest().files[
+        "lora.safetensors"]
+
+
+def wait_for(cond, timeout: float, what: str, proc=None, poll: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc is not None and not proc.is_alive():
+            raise AssertionError(f"worker exited (code {proc.exitcode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(poll)
+
+
+def _child_entry(target, args) -> None:
+    os.setsid()  # own process group, so the test can kill the worker and anything it started
+    logging.disable(logging.CRITICAL)
+    target(*args)
+
+
+@contextlib.contextmanager
+def forked_worker(target, *args):
+    """Run target(*args) in a forked worker process (own process group); always killed and reaped on exit."""
+    p = multiprocessing.get_context("fork").Process(target=_child_entry, args=(target, args))
+    p.start()
+    try:
+        yield p
+    finally:
+        kill_worker(p)
+
+
+def kill_worker(p) -> None:
+    if p.pid is None:
+        return
+    for kill in (lambda: os.killpg(p.pid, signal.SIGKILL), p.kill):
+        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+            kill()
+    p.join(timeout=30)
+    assert not p.is_alive()
+
+
+def touch(path: str | Path) -> None:
+    Path(path).write_text(str(os.getpid()))
+
+
+def hang(signal_file: str | Path) -> None:
+    """In a worker: say where we are, then wait to be killed."""
+    touch(signal_file)
+    time.sleep(600)
+
+
+class TcpProxy:
+    """A TCP forwarder in front of the S3 endpoint that can be cut: stop() closes the listening port (new
+    connections are refused) and drops every open connection mid-request, start() listens again on the same port.
+    Unlike restarting moto, the data behind it survives."""
+
+    def __init__(self, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        self.port = free_port()
+        self._lsock: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(64)
+        s.settimeout(0.05)
+        self._lsock = s
+        t = threading.Thread(target=self._accept, args=(s,), daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept(self, lsock: socket.socket) -> None:
+        while self._lsock is lsock:
+            try:
+                c, _ = lsock.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            c.settimeout(None)
+            try:
+                u = socket.create_connection(self.target)
+            except OSError:
+                c.close()
+                continue
+            with self._lock:
+                self._conns.update((c, u))
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        lsock, self._lsock = self._lsock, None
+        if lsock is not None:
+            lsock.close()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._threads.clear()
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Killed mid-work
+
+
+def _worker_killed_in_shard(cfg, signal_file) -> None:
+    import zarr
+
+    orig = zarr.Array.__setitem__
+
+    def setitem(self, key, value):
+        # shard 1: x_hi is already written, x_lo not, no marker yet -> a torn shard
+        if str(self.store_path).endswith("/x_lo") and isinstance(key, slice) and (key.start or 0) >= SHARD:
+            hang(signal_file)
+        return orig(self, key, value)
+
+    zarr.Array.__setitem__ = setitem
+    run_pipeline(cfg, stages=[TRAJ], reporter=SilentReporter())
+
+
+def test_sigkill_during_a_trajectory_shard_then_rerun_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    reference()
+    cfg = fault_config(str(tmp_path / "store"))
+    art = open_store(cfg).artifact(TRAJ, plan(cfg)[TRAJ].fingerprint)
+    with forked_worker(_worker_killed_in_shard, cfg, tmp_path / "in-shard-1") as p:
+        wait_for(lambda: (tmp_path / "in-shard-1").exists(), 120, "the worker to be inside shard 1", p)
+        shards = {m for m in art.done_markers() if m.startswith("shard-")}
+        assert shards == {"shard-00000"}  # >= 1 shard done, not all
+        os.killpg(p.pid, signal.SIGKILL)
+        p.join(10)
+        assert p.exitcode == -signal.SIGKILL
+    assert not art.exists() and art.exists_file("_lease.json")  # killed: no manifest, a dead worker's lease
+
+    import tlcm_core.trajectories as traj
+
+    computed, real = [], traj.compute_shard
+    monkeypatch.setattr(traj, "compute_shard", lambda *a, **k: computed.append(a[4]) or real(*a, **k))
+    t0 = time.monotonic()
+    (res,) = run_pipeline(cfg, stages=[TRAJ], reporter=SilentReporter())
+    assert not res.cached and time.monotonic() - t0 < 60  # the dead worker's lease did not hold us up
+    assert computed == [16, 32]  # resumed: only the torn shard and the missing one, not shard 0 again
+    assert_same_trajectories(art)
+    assert not art.exists_file("_lease.json")
+
+
+class _HangAtStep(Reporter):
+    def __init__(self, stage: str, step: int, signal_file):
+        super().__init__(bars=False)
+        self.stage, self.step, self.signal_file = stage, step, signal_file
+
+    def progress(self, key, done, total, **metrics):
+        if key == self.stage and done == self.step:
+            hang(self.signal_file)
+
+
+def _worker_killed_in_training(cfg, signal_file) -> None:
+    run_pipeline(cfg, reporter=_HangAtStep(MLCD, 4, signal_file))  # step 4: after the checkpoint at step 3
+
+
+def test_sigkill_during_training_resumes_from_the_last_checkpoint_to_the_same_lora(tmp_path):
+    reference()
+    store_dir = tmp_path / "store"
+    copy_artifact(TRAJ, store_dir)  # the cached trajectories; MLCD is what gets killed
+    cfg = fault_config(str(store_dir))
+    art = open_store(cfg).artifact(MLCD, plan(cfg)[MLCD].fingerprint)
+    with forked_worker(_worker_killed_in_training, cfg, tmp_path / "at-step-4") as p:
+        wait_for(lambda: art.exists_file("checkpoints/latest.json"), 120, "the first checkpoint", p)
+        wait_for(lambda: (tmp_path / "at-step-4").exists(), 60, "training step 4", p)
+        os.killpg(p.pid, signal.SIGKILL)
+        p.join(10)
+    latest = art.read_json("checkpoints/latest.json")
+    assert latest["step"] == 3 and not art.exists()
+
+    (traj_res, mlcd_res) = run_pipeline(cfg, reporter=SilentReporter())
+    assert traj_res.cached and not mlcd_res.cached
+    assert mlcd_res.summary["resumed_from_step"] == latest["step"]  # not from zero, not past it
+    assert_same_lora(art)
+    steps = [json.loads(ln)["step"] for ln in art.read_bytes("train_log.jsonl").decode().splitlines()]
+    assert steps == [2, 4, 6, 8]  # no step logged twice or missing
+
+
+def _worker_killed_in_commit(cfg, signal_file) -> None:
+    real = os.replace
+
+    def replace(src, dst, *a, **k):
+        if str(dst).endswith("/manifest.json"):  # the manifest is fully written to its temp file, not yet in place
+            hang(signal_file)
+        return real(src, dst, *a, **k)
+
+    os.replace = replace
+    run_pipeline(cfg, stages=[TRAJ], reporter=SilentReporter())
+
+
+def test_sigkill_during_commit_then_rerun_commits_a_complete_verifying_artifact(tmp_path, monkeypatch):
+    reference()
+    cfg = fault_config(str(tmp_path / "store"))
+    art = open_store(cfg).artifact(TRAJ, plan(cfg)[TRAJ].fingerprint)
+    with forked_worker(_worker_killed_in_commit, cfg, tmp_path / "in-commit") as p:
+        wait_for(lambda: (tmp_path / "in-commit").exists(), 120, "the worker to be inside commit", p)
+        os.killpg(p.pid, signal.SIGKILL)
+        p.join(10)
+    leftovers = [f for f in os.listdir(art.uri) if f.startswith(".manifest.json.")]
+    assert leftovers and not art.exists() and not art.is_complete()  # a torn commit is not a complete artifact
+    assert {m for m in art.done_markers() if m.startswith("shard-")} == {f"shard-{i:05d}" for i in range(3)}
+
+    import tlcm_core.models as models
+
+    def no_teacher(*a, **k):
+        raise AssertionError("every shard was done: the rerun must only commit")
+
+    monkeypatch.setattr(models, "load_pipeline", no_teacher)
+    (res,) = run_pipeline(cfg, stages=[TRAJ], reporter=SilentReporter())
+    assert not res.cached
+    m = art.manifest("checksum")
+    assert not any(".tmp" in f or f.startswith(".") for f in m.files)
+    assert_same_trajectories(art)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Storage faults
+
+
+@pytest.fixture
+def s3_proxy(s3_endpoint, monkeypatch):
+    """The session's moto endpoint behind a TCP proxy that the test can cut; stores made now go through it."""
+    if not s3_endpoint.running:
+        s3_endpoint.start()
+    proxy = TcpProxy(s3_endpoint.port)
+    proxy.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+        s3_endpoint.resume()
+
+
+def test_s3_endpoint_down_then_frozen_mid_stage_is_retried_with_backoff_and_the_stage_succeeds(
+        s3_endpoint, s3_proxy, monkeypatch, caplog):
+    reference()
+    monkeypatch.setenv("TLCM_STORE_RETRY_TOTAL_S", "60")
+    cfg = fault_config(f"s3://{s3_endpoint.make_bucket()}/artifacts")
+    timers: list[threading.Timer] = []
+    real = Artifact.mark_done
+
+    def mark_done(self, name, info=None):
+        real(self, name, info)
+        if name == "shard-00000":  # the endpoint goes away (connections refused / dropped) for 2 s
+            s3_proxy.stop()
+            timers.append(threading.Timer(2.0, s3_proxy.start))
+        elif name == "shard-00001":  # then the server freezes (connections hang) for 1.5 s
+            s3_endpoint.pause()
+            timers.append(threading.Timer(1.5, s3_endpoint.resume))
+        else:
+            return
+        timers[-1].start()
+
+    monkeypatch.setattr(Artifact, "mark_done", mark_done)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tlcm.store"):
+            t0 = time.monotonic()
+            (res,) = run_pipeline(cfg, stages=[TRAJ], reporter=SilentReporter())
+            took = time.monotonic() - t0
+    finally:
+        for t in timers:
+            t.join(10)
+    assert len(timers) == 2 and not res.cached
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert retries, "the outage should have been met with retries"
+    assert took > 2.0  # it really waited the outage out
+    assert all(S3_SECRET not in r.getMessage() for r in caplog.records)
+    art = open_store(cfg).artifact(TRAJ, res.fingerprint)
+    assert_same_trajectories(art)
+
+
+def test_s3_endpoint_gone_for_good_fails_clearly_leaves_nothing_complete_and_the_next_run_resumes(
+        s3_endpoint, s3_proxy, monkeypatch):
+    reference()
+    monkeypatch.setenv("TLCM_STORE_RETRY_TOTAL_S", "1.5")
+    bucket = s3_endpoint.make_bucket()
+    cfg = fault_config(f"s3://{bucket}/artifacts")
+    real = Artifact.mark_done
+
+    def mark_done(self, name, info=None):
+        real(self, name, info)
+        if name == "shard-00000":
+            s3_proxy.stop()  # and it does not come back during this run
+
+    monkeypatch.setattr(Artifact, "mark_done", mark_done)
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailableError) as err:
+        run_pipeline(cfg, stages=[TRAJ], reporter=SilentReporter())
+    assert time.monotonic() - t0 < 45  # bounded: a few operations x the 1.5 s budget
+    msg = str(err.value)
+    assert f"s3://{bucket}/artifacts" in msg and s3_proxy.url in msg and "TLCM_STORE_RETRY_TOTAL_S" in msg
+    assert "rerun" in msg and S3_SECRET not in msg + repr(err.value)
+
+    monkeypatch.setattr(Artifact, "mark_done", real)
+    s3_proxy.start()
+    art = open_store(cfg).artifact(TRAJ, plan(cfg)[TRAJ].fingerprint)
+    assert not art.exists() and not art.is_complete()  # nothing half-written is marked complete
+    assert {m for m in art.done_markers() if m.startswith("shard-")} == {"shard-00000"}
+    ref = ref_artifact(TRAJ)
+    for name in ("x_hi", "x_lo", "seed"):  # what is marked done is really there
+        assert art.open_array(name)[:SHARD].tobytes() == ref.open_array(name)[:SHARD].tobytes()
+
+    import tlcm_core.trajectories as traj
+
+    computed, compute = [], traj.compute_shard
+    monkeypatch.setattr(traj, "compute_shard", lambda *a, **k: computed.append(a[4]) or compute(*a, **k))
+    (res,) = run_pipeline(cfg, stages=[TRAJ], reporter=SilentReporter())
+    assert not res.cached and computed == [16, 32]  # resumed after the marked shard
+    assert_same_trajectories(art)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Corruption
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _forge_manifest_checksum(path: Path) -> None:
+    m = json.loads(path.read_text())
+    rel = next(r for r in m["files"] if r.endswith(".safetensors"))
+    m["files"][rel]["sha256"] = "0" * 64
+    path.write_text(json.dumps(m))
+
+
+CORRUPTIONS = {
+    # name: (stage whose artifact is damaged, file, damage, stages to run, file the error must name)
+    "truncated-zarr-chunk": (TRAJ, "x_hi/c/1/0/0/0", _truncate, [TRAJ, MLCD], "x_hi/c/1/0/0/0"),
+    "altered-zarr-chunk": (TRAJ, "x_lo/c/2/0/0/0", _flip, [TRAJ, MLCD], "x_lo/c/2/0/0/0"),
+    "altered-zarr-chunk-seen-by-the-next-stage": (TRAJ, "t_hi/c/0", _flip, [MLCD], "t_hi/c/0"),
+    "truncated-safetensors": (MLCD, "lora.safetensors", _truncate, [TRAJ, MLCD], "lora.safetensors"),
+    "altered-safetensors": (MLCD, "lora.safetensors", _flip, [MLCD], "lora.safetensors"),
+    "truncated-manifest": (MLCD, "manifest.json", _truncate, [MLCD], "manifest.json"),
+    "altered-manifest": (MLCD, "manifest.json", _forge_manifest_checksum, [MLCD], "lora.safetensors"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_corruption_is_reported_with_the_artifact_uri_and_never_used(tmp_path, kind, monkeypatch):
+    reference()
+    stage, rel, damage, stages, named = CORRUPTIONS[kind]
+    store_dir = tmp_path / "store"
+    copy_artifact(TRAJ, store_dir)
+    copy_artifact(MLCD, store_dir)
+    cfg = fault_config(str(store_dir))
+    p = plan(cfg)
+    store = open_store(cfg)
+    art = store.artifact(stage, p[stage].fingerprint)
+    damage(Path(art.uri) / rel)
+    if stages == [MLCD] and stage == TRAJ:  # the damaged artifact is an input: MLCD must not train on it
+        shutil.rmtree(store.artifact(MLCD, p[MLCD].fingerprint).uri)
+
+    import tlcm_core.consistency as consistency
+    import tlcm_core.models as models
+
+    def used(*a, **k):
+        raise AssertionError("a corrupt artifact was used")
+
+    for mod in (models, consistency):
+        monkeypatch.setattr(mod, "load_unet", used)
+    before = _snapshot(store_dir)
+    with pytest.raises(CorruptArtifactError) as err:
+        run_pipeline(cfg, stages=stages, reporter=SilentReporter())
+    msg = str(err.value)
+    assert art.uri in msg and named in msg
+    assert not art.is_complete("checksum")
+    assert _snapshot(store_dir) == before  # nothing was trained, written or committed on the damaged data
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("rel", ["lora.safetensors", "state.pt"])
+def test_a_corrupt_training_checkpoint_is_refused_not_resumed(tmp_path, rel):
+    reference()
+    store_dir = tmp_path / "store"
+    copy_artifact(TRAJ, store_dir)
+    copy_artifact(MLCD, store_dir)
+    cfg = fault_config(str(store_dir))
+    art = open_store(cfg).artifact(MLCD, plan(cfg)[MLCD].fingerprint)
+    for f in ("manifest.json", "lora.safetensors", "train_log.jsonl"):  # back to a partial run with checkpoints
+        os.remove(Path(art.uri) / f)
+    latest = art.read_json("checkpoints/latest.json")
+    assert latest["step"] == 6
+    _flip(Path(art.uri) / latest["dir"] / rel)
+    with pytest.raises(CorruptArtifactError) as err:
+        run_pipeline(cfg, reporter=SilentReporter())
+    assert art.uri in str(err.value) and f"{latest['dir']}/{rel}" in str(err.value)
+    assert not art.exists()
