@@ -10,7 +10,7 @@ from prefect.states import Completed
 
 from tasks.stages import PrefectReporter, stage_task
 from tlcm_core.config import STAGES, PipelineConfig, apply_overrides, load_config, validate_config
-from tlcm_core.pipeline import implemented_stages, plan
+from tlcm_core.pipeline import implemented_stages, plan, preflight
 
 
 def resolve_config(config: str | dict[str, Any], store: str | None = None,
@@ -71,6 +71,7 @@ def tlcm(config: str | dict[str, Any] = "toy", store: str | None = None, stages:
     p = plan(cfg)  # validates stage names and computes every fingerprint before any work
     check_stage_names(p, list(stages or []) + list(force or []))
     todo = [s for s in p.stages if s in (stages or cfg.stages)]
+    preflight(cfg, todo)  # what later stages need (reward model, captions), before the first stage starts
     if shards is not None and len(todo) != 1:
         raise ValueError(f"shards={shards} needs exactly one (sharded) stage, got {todo}")
     forced: set[str] = set()

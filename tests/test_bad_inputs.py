@@ -312,3 +312,21 @@ def test_a_teacher_that_is_not_sdxl_shaped_fails_before_it_loads(tmp_path, kind,
     assert str(teacher) in str(err.value) and expected in str(err.value)
     assert _files(tmp_path / "store") == set()
 
+
+
+def test_later_stage_needs_are_checked_before_the_first_stage(tmp_path):
+    """A reward model that needs a pickle opt-in, or a missing captions file, fails before trajectories start."""
+    from tlcm_core.config import load_config
+    from tlcm_core.pipeline import run_pipeline
+    from tlcm_core.rewards import RewardError
+
+    stages = "stages=[teacher-trajectories,mlcd,lcd-trajectories,lcd,finetune,evaluate]"
+    cfg = load_config("toy-fast", [f"store.url={tmp_path}", stages, "finetune.reward_weight=1",
+                                   "finetune.reward_scorer=mps", f"finetune.reward_model={tmp_path / 'mps.pth'}"])
+    with pytest.raises(RewardError, match="allow_pickle"):
+        run_pipeline(cfg)
+    cfg = load_config("toy-fast", [f"store.url={tmp_path}", stages,
+                                   f"evaluate.metrics.captions={tmp_path / 'captions.txt'}"])
+    with pytest.raises(FileNotFoundError, match="captions"):
+        run_pipeline(cfg)
+    assert not any(tmp_path.rglob("manifest.json")) and not any(tmp_path.rglob("x_hi"))  # nothing started

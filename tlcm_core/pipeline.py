@@ -320,9 +320,37 @@ def run_stage(cfg: PipelineConfig, name: str, store: ArtifactStore | None = None
     return StageResult(name, art.uri, ps.fingerprint, False, summary)
 
 
+def preflight(cfg: PipelineConfig, stages: list[str]) -> None:
+    """Cheap checks of what later stages will need, so a run does not fail hours in (after MLCD, say)."""
+    from .rewards import RewardError
+
+    fc = cfg.finetune
+    if "finetune" in stages and fc.reward_weight:
+        if fc.reward_scorer == "mps" and not fc.allow_pickle:
+            raise RewardError("finetune.reward_scorer=mps loads a pickled model; set finetune.allow_pickle=true if "
+                              "you trust the file, or use reward_scorer=open_clip (checked before any stage runs)")
+        if fc.reward_scorer in ("mps", "open_clip") and not fc.reward_model:
+            raise RewardError(f"finetune.reward_model is needed for reward_scorer={fc.reward_scorer}")
+        if fc.reward_scorer == "mps" and "://" not in fc.reward_model:
+            import os
+
+            if not os.path.isfile(fc.reward_model):
+                raise RewardError(f"finetune.reward_model={fc.reward_model!r}: no such file")
+    captions = cfg.evaluate.metrics.captions
+    if "evaluate" in stages and captions:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(captions)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"evaluate.metrics.captions={captions!r}: no such file (COCO-2017 val captions "
+                                    "or a text file with one caption a line)")
+
+
 def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None, force: list[str] | None = None,
                  reporter: Reporter | None = None) -> list[StageResult]:
     """Run the given stages (default: the config's) in order, in this process."""
+    todo = stages or cfg.stages
+    preflight(cfg, todo)
     p = plan(cfg)
     store = open_store(cfg)
     store.check_access(write=True)
@@ -331,5 +359,4 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None, force: li
         if f not in p.stages:
             raise ValueError(f"--force {f!r}: not a stage of this pipeline ({', '.join(p.stages)})")
         forced.update(p.dependents(f))
-    todo = stages or cfg.stages
     return [run_stage(cfg, s, store, reporter, force=s in forced, p=p) for s in STAGES if s in todo]
