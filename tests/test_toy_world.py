@@ -114,6 +114,13 @@ def test_shipped_pipeline_loads_and_generates():
     for target in ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]:
         assert any(n.endswith(target) for n in names), target
+    # the unconditional is the encoded empty prompt (what the teacher was trained with), not zeros
+    with torch.no_grad():
+        pe, npe, pooled, npooled = pipe.encode_prompt("a red circle", do_classifier_free_guidance=True)
+        ue, _, upooled, _ = pipe.encode_prompt("", do_classifier_free_guidance=False)
+    assert pe.shape == (1, 77, pipe.unet.config.cross_attention_dim)
+    assert torch.equal(npe, ue) and torch.equal(npooled, upooled) and float(npe.abs().sum()) > 0
+    assert not torch.allclose(pe, npe)
     pipe.scheduler = ddim_trailing_scheduler()
     out = pipe(["a red circle", "a blue square"], num_inference_steps=2, guidance_scale=7.0,
                generator=torch.Generator().manual_seed(0), output_type="pt").images

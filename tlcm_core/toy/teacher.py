@@ -1,0 +1,404 @@
+"""Train the toy SDXL-shaped teacher: the VAE first, then the UNet (eps-prediction, SDXL schedule).
+
+Phases (each checkpointed and resumable under ``out_dir/checkpoints``):
+1. ``vae``: AutoencoderKL on the world's images (L1 + MSE + a small KL), then ``scaling_factor`` is set
+   to 1 / std of the latents of the training set (unit-variance latents, as SD/SDXL do).
+2. ``unet``: epsilon prediction with the SDXL schedule (scaled_linear 0.00085..0.012, T = 1000),
+   uniform timesteps, min-SNR loss weighting (training-side only; the shipped schedule is SDXL's),
+   ``prompt_dropout`` of the prompts replaced by the empty prompt "" (the unconditional that
+   ``pipe.encode_prompt`` gives with ``force_zeros_for_empty_prompt=False``), EMA weights.
+The text encoders stay frozen at their random (seeded) init; the conditioning of every prompt and of ""
+is computed once with ``pipe.encode_prompt`` -- exactly what the pipeline feeds the UNet at sampling.
+
+Checkpoints: ``checkpoints/init/`` (the random pipeline, saved once), ``checkpoints/vae-0000500/`` and
+``checkpoints/unet-0001000/`` with ``*.safetensors`` weights and ``state.pt`` (optimizer, step, RNG;
+tensors and primitives only, loadable with ``torch.load(weights_only=True)``). Written to a temporary
+folder then renamed, so a checkpoint folder is complete or absent. The result is
+``out_dir/pipeline`` (``save_pretrained(..., safe_serialization=True)``) plus ``out_dir/settings.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+
+from .data import get_world
+
+__all__ = ["ToyTeacherSettings", "train_toy_teacher", "latest_checkpoint"]
+
+Progress = Callable[[str, int, int, dict], None]
+
+
+class ToyTeacherSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    world: str = "toy"
+    seed: int = 0
+    n_train: int = Field(40_000, ge=16, description="procedural training images (world.sample(n_train, seed))")
+    # VAE
+    vae_steps: int = Field(1500, ge=0)
+    vae_batch_size: int = Field(32, ge=1)
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = Field(1e-4, description="weight of the per-element KL(q(z|x) || N(0,1))")
+    scale_samples: int = Field(4096, ge=16, description="training images used to estimate scaling_factor")
+    # UNet
+    unet_steps: int = Field(3000, ge=0)
+    unet_batch_size: int = Field(64, ge=1)
+    unet_lr: float = 1e-3
+    unet_weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = Field(0.1, description="cosine decay of the lr to this fraction")
+    snr_gamma: float | None = Field(5.0, description="min-SNR loss weighting; None: plain MSE")
+    ema_decay: float = 0.999
+    prompt_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    grad_clip: float = 1.0
+    # bookkeeping
+    checkpoint_every: int = Field(250, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(25, ge=1)
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+
+def _ckpt_name(phase: str, step: int) -> str:
+    return f"{phase}-{step:07d}"
+
+
+def latest_checkpoint(ckpt_dir: Path, phase: str) -> tuple[int, Path] | None:
+    """(step, folder) of the newest complete checkpoint of ``phase`` or None."""
+    best = None
+    if not ckpt_dir.exists():
+        return None
+    for p in ckpt_dir.iterdir():
+        if p.is_dir() and p.name.startswith(phase + "-") and (p / "state.pt").exists():
+            try:
+                step = int(p.name.split("-", 1)[1])
+            except ValueError:
+                continue
+            if best is None or step > best[0]:
+                best = (step, p)
+    return best
+
+
+def _write_checkpoint(ckpt_dir: Path, phase: str, step: int, weights: dict[str, dict], state: dict, keep: int) -> Path:
+    final = ckpt_dir / _ckpt_name(phase, step)
+    tmp = ckpt_dir / f".tmp-{_ckpt_name(phase, step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name, sd in weights.items():
+        save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
+    torch.save(state, tmp / "state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    # prune old checkpoints of this phase
+    olds = sorted(
+        (p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(phase + "-")), key=lambda p: p.name
+    )
+    for p in olds[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def _rng_state(g: torch.Generator) -> dict:
+    return {"generator": g.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(g: torch.Generator, st: dict) -> None:
+    g.set_state(st["generator"])
+    torch.set_rng_state(st["torch"])
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    if total <= warmup:
+        return base
+    prog = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
+
+
+def _default_progress() -> tuple[Progress, Callable[[], None]]:
+    from tqdm.auto import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def cb(phase: str, step: int, total: int, metrics: dict) -> None:
+        bar = bars.get(phase)
+        if bar is None:
+            for b in bars.values():
+                b.close()
+            bar = bars[phase] = tqdm(total=total, desc=f"toy teacher {phase}", initial=step - 1 if step > 0 else 0)
+        bar.n = step
+        if metrics:
+            bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in metrics.items()}, refresh=False)
+        bar.refresh()
+
+    def close() -> None:
+        for b in bars.values():
+            b.close()
+
+    return cb, close
+
+
+def _load_init_pipeline(ckpt_dir: Path, seed: int):
+    from diffusers import StableDiffusionXLPipeline
+
+    from .pipeline import build_toy_pipeline
+
+    init = ckpt_dir / "init"
+    if not (init / "model_index.json").exists():
+        pipe = build_toy_pipeline(seed)
+        tmp = ckpt_dir / f".tmp-init-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if init.exists():
+            shutil.rmtree(init)
+        os.replace(tmp, init)
+    pipe = StableDiffusionXLPipeline.from_pretrained(init)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------- phases
+
+
+def _train_vae(pipe, images: torch.Tensor, s: ToyTeacherSettings, ckpt_dir: Path, progress: Progress, resume: bool):
+    vae = pipe.vae
+    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(s.seed * 1000 + 1)
+    step = 0
+    found = latest_checkpoint(ckpt_dir, "vae") if resume else None
+    if found is not None:
+        step, path = found
+        vae.load_state_dict(load_file(str(path / "vae.safetensors")))
+        st = torch.load(path / "state.pt", weights_only=True)
+        opt.load_state_dict(st["optimizer"])
+        _set_rng_state(g, st["rng"])
+        assert int(st["step"]) == step
+    vae.train()
+    n = images.shape[0]
+    last = {}
+    t0 = time.time()
+    while step < s.vae_steps:
+        for pg in opt.param_groups:
+            pg["lr"] = _lr_at(step, s.vae_steps, s.vae_lr, s.warmup_steps, s.min_lr_ratio)
+        idx = torch.randint(0, n, (s.vae_batch_size,), generator=g)
+        x = images[idx] * 2 - 1
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, x)
+        l1 = (rec - x).abs().mean()
+        kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+        loss = mse + l1 + s.vae_kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.grad_clip:
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), s.grad_clip)
+        opt.step()
+        step += 1
+        last = {"loss": loss.item(), "mse": mse.item(), "kl": kl.item(), "s_per_step": (time.time() - t0) / step}
+        if step % s.checkpoint_every == 0 or step == s.vae_steps:
+            state = {"step": step, "optimizer": opt.state_dict(), "rng": _rng_state(g)}
+            _write_checkpoint(ckpt_dir, "vae", step, {"vae": vae.state_dict()}, state, s.keep_checkpoints)
+        progress("vae", step, s.vae_steps, last if (step % s.log_every == 0 or step == s.vae_steps) else {})
+    vae.eval()
+    return last
+
+
+@torch.no_grad()
+def _encode_all(vae, images: torch.Tensor, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, images.shape[0], batch):
+        d = vae.encode(images[i : i + batch] * 2 - 1).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def _train_unet(pipe, lat_mean, lat_std, pidx, s: ToyTeacherSettings, ckpt_dir: Path, progress: Progress, resume: bool):
+    from .pipeline import TOY_TIME_IDS
+
+    world = get_world(s.world)
+    unet = pipe.unet
+    sf = float(pipe.vae.config.scaling_factor)
+    with torch.no_grad():
+        pe, _, pooled, _ = pipe.encode_prompt(world.prompts() + [""], do_classifier_free_guidance=False)
+    pe, pooled = pe.detach(), pooled.detach()
+    null = len(world.prompts())
+    time_ids = torch.tensor([TOY_TIME_IDS], dtype=torch.float32)
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)
+    sched = pipe.scheduler.config
+    assert sched.beta_schedule == "scaled_linear" and sched.num_train_timesteps == 1000
+    a_t, s_t = abar.sqrt().float(), (1 - abar).sqrt().float()
+    snr = (abar / (1 - abar)).float()
+
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    opt = torch.optim.AdamW(unet.parameters(), lr=s.unet_lr, weight_decay=s.unet_weight_decay)
+    g = torch.Generator().manual_seed(s.seed * 1000 + 2)
+    step = 0
+    found = latest_checkpoint(ckpt_dir, "unet") if resume else None
+    if found is not None:
+        step, path = found
+        unet.load_state_dict(load_file(str(path / "unet.safetensors")))
+        ema = load_file(str(path / "ema.safetensors"))
+        st = torch.load(path / "state.pt", weights_only=True)
+        opt.load_state_dict(st["optimizer"])
+        _set_rng_state(g, st["rng"])
+        assert int(st["step"]) == step
+    unet.train()
+    n = lat_mean.shape[0]
+    B = s.unet_batch_size
+    last = {}
+    t0 = time.time()
+    start = step
+    while step < s.unet_steps:
+        lr = _lr_at(step, s.unet_steps, s.unet_lr, s.warmup_steps, s.min_lr_ratio)
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        idx = torch.randint(0, n, (B,), generator=g)
+        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * sf
+        t = torch.randint(0, 1000, (B,), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        drop = torch.rand(B, generator=g) < s.prompt_dropout
+        cond = torch.where(drop, torch.full_like(pidx[idx], null), pidx[idx])
+        xt = a_t[t].view(B, 1, 1, 1) * z0 + s_t[t].view(B, 1, 1, 1) * eps
+        pred = unet(
+            xt,
+            t,
+            encoder_hidden_states=pe[cond],
+            added_cond_kwargs={"text_embeds": pooled[cond], "time_ids": time_ids.expand(B, -1)},
+        ).sample
+        per = (pred - eps).pow(2).mean(dim=(1, 2, 3))
+        if s.snr_gamma is not None:
+            w = torch.clamp(snr[t], max=s.snr_gamma) / snr[t]
+            loss = (w * per).mean()
+        else:
+            loss = per.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.grad_clip:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), s.grad_clip)
+        opt.step()
+        step += 1
+        d = min(s.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in unet.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+                else:
+                    ema[k].copy_(v)
+        last = {"loss": loss.item(), "mse": per.mean().item(), "lr": lr, "s_per_step": (time.time() - t0) / (step - start)}
+        if step % s.checkpoint_every == 0 or step == s.unet_steps:
+            state = {"step": step, "optimizer": opt.state_dict(), "rng": _rng_state(g)}
+            _write_checkpoint(
+                ckpt_dir, "unet", step, {"unet": unet.state_dict(), "ema": ema}, state, s.keep_checkpoints
+            )
+        progress("unet", step, s.unet_steps, last if (step % s.log_every == 0 or step == s.unet_steps) else {})
+    unet.load_state_dict(ema)
+    unet.eval()
+    return last
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def train_toy_teacher(
+    settings: ToyTeacherSettings,
+    out_dir: str | Path,
+    progress: Progress | None = None,
+    resume: bool = True,
+) -> Path:
+    """Train (or resume) the toy teacher; returns ``out_dir/"pipeline"`` (a diffusers SDXL folder).
+
+    ``progress(phase, step, total, metrics)`` is called after every step (``metrics`` is non-empty
+    every ``log_every`` steps); an exception raised by it stops training (the last checkpoint stays).
+    With ``resume=False`` existing checkpoints are ignored (and overwritten).
+    """
+    s = settings
+    out = Path(out_dir)
+    ckpt_dir = out / "checkpoints"
+    final = out / "pipeline"
+    done_marker = out / "DONE.json"
+    if resume and done_marker.exists() and (final / "model_index.json").exists():
+        prev = json.loads(done_marker.read_text())
+        if prev.get("settings") == s.model_dump(mode="json"):
+            return final
+    if not resume and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(json.dumps(s.model_dump(mode="json"), indent=2) + "\n")
+
+    close = lambda: None  # noqa: E731
+    if progress is None:
+        progress, close = _default_progress()
+    try:
+        t_start, cpu_start = time.time(), time.process_time()
+        world = get_world(s.world)
+        images, prompts = world.sample(s.n_train, s.seed)
+        all_prompts = world.prompts()
+        index = {p: i for i, p in enumerate(all_prompts)}
+        pidx = torch.tensor([index[p] for p in prompts], dtype=torch.long)
+
+        pipe = _load_init_pipeline(ckpt_dir, s.seed)
+        for m in (pipe.text_encoder, pipe.text_encoder_2):
+            m.requires_grad_(False)
+
+        vae_metrics = _train_vae(pipe, images, s, ckpt_dir, progress, resume)
+        if s.vae_steps == 0 and (found := latest_checkpoint(ckpt_dir, "vae")) is not None:
+            pipe.vae.load_state_dict(load_file(str(found[1] / "vae.safetensors")))
+        pipe.vae.requires_grad_(False)
+        lat_mean, lat_std = _encode_all(pipe.vae, images)
+        k = min(s.scale_samples, images.shape[0])
+        gs = torch.Generator().manual_seed(s.seed * 1000 + 3)
+        z = lat_mean[:k] + lat_std[:k] * torch.randn(lat_mean[:k].shape, generator=gs)
+        scaling = float(1.0 / z.float().std())
+        pipe.vae.register_to_config(scaling_factor=scaling)
+        del images
+
+        unet_metrics = _train_unet(pipe, lat_mean, lat_std, pidx, s, ckpt_dir, progress, resume)
+
+        tmp = out / f".tmp-pipeline-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        done_marker.write_text(
+            json.dumps(
+                {
+                    "settings": s.model_dump(mode="json"),
+                    "scaling_factor": scaling,
+                    "latent_mean": float(z.mean()),
+                    "vae": vae_metrics,
+                    "unet": unet_metrics,
+                    "wall_s_this_run": time.time() - t_start,
+                    "cpu_s_this_run": time.process_time() - cpu_start,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        return final
+    finally:
+        close()
