@@ -163,8 +163,8 @@ def deployed(stack):
     stack.timings["deploy"] = time.monotonic() - t0
     with stack.client() as c:
         names = {d.name for d in c.read_deployments()}
-    assert {"full-distill", "teacher-trajectories", "mlcd", "lcd-trajectories", "lcd", "finetune", "evaluate",
-            "export", "toy-teacher"} <= names
+    assert {"full-distill", "teacher-trajectories", "latent-lpips", "mlcd", "lcd-trajectories", "lcd", "finetune",
+            "evaluate", "export", "toy-teacher"} <= names
     return stack
 
 

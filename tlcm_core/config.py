@@ -19,6 +19,7 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The stages in dependency order (DESIGN.md, "The stages").
 STAGES = (
     "teacher-trajectories",
+    "latent-lpips",
     "mlcd",
     "lcd-trajectories",
     "lcd",

@@ -48,7 +48,7 @@ LOSSES = {"mlcd": mlcd_loss, "lcd": lcd_loss}
 
 def train_consistency_stage(cfg: PipelineConfig, tcfg: TrainerConfig, *, name: str, pairs_art, out_art,
                             loss: str, reporter: Reporter, init_lora_uri: str | None = None,
-                            latent_lpips=None, accelerator=None) -> dict:
+                            latent_lpips=None, lpips_uri: str | None = None, accelerator=None) -> dict:
     """Shared by MLCD and LCD: build the student, train from cached pairs, write lora.safetensors + train_log.
 
     With compute.num_processes > 1 (and no accelerator yet) the training runs under `accelerate launch` in
@@ -58,7 +58,7 @@ def train_consistency_stage(cfg: PipelineConfig, tcfg: TrainerConfig, *, name: s
         from .distributed import launch_training
 
         return launch_training(cfg, name=name, pairs_art=pairs_art, out_art=out_art, loss=loss,
-                               init_lora_uri=init_lora_uri)
+                               init_lora_uri=init_lora_uri, lpips_uri=lpips_uri)
     device = accelerator.device if accelerator is not None else resolve_device(cfg.compute)
     schedule = load_schedule(cfg.teacher)
     unet = load_unet(cfg.teacher, device, torch.float32)
@@ -70,6 +70,10 @@ def train_consistency_stage(cfg: PipelineConfig, tcfg: TrainerConfig, *, name: s
         attach_lora(unet, cfg.lora)
     unet.train()
     params = lora_parameters(unet)
+    if tcfg.distance == "latent-lpips" and latent_lpips is None:  # from latent_lpips.weights or the stage's artifact
+        from .lpips_stage import resolve_latent_lpips
+
+        latent_lpips = resolve_latent_lpips(cfg, pairs_art.store, lpips_uri, device=device)
     distance = make_distance(tcfg.distance, tcfg.huber_c, latent_lpips)
     data = PairBatches(pairs_art, tcfg.batch_size, seed=cfg.compute.seed, prefetch=tcfg.prefetch)
     if loss not in LOSSES:

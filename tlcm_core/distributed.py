@@ -34,7 +34,7 @@ def launch_command(n: int, port: int) -> list[str]:
 
 
 def launch_training(cfg: PipelineConfig, *, name: str, pairs_art, out_art, loss: str,
-                    init_lora_uri: str | None = None) -> dict:
+                    init_lora_uri: str | None = None, lpips_uri: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="tlcm-launch-") as tmp:
         path = os.path.join(tmp, "config.json")
         with open(path, "w") as f:
@@ -43,6 +43,8 @@ def launch_training(cfg: PipelineConfig, *, name: str, pairs_art, out_art, loss:
             "--config", path, "--stage", name, "--loss", loss, "--pairs", pairs_art.uri, "--out", out_art.uri]
         if init_lora_uri:
             cmd += ["--init-lora", init_lora_uri]
+        if lpips_uri:
+            cmd += ["--lpips", lpips_uri]
         r = subprocess.run(cmd, env={**os.environ, "TLCM_DISTRIBUTED_CHILD": "1"})
         if r.returncode != 0:
             raise RuntimeError(f"{name}: distributed training ({cfg.compute.num_processes} processes) failed with "
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     for a in ("--config", "--stage", "--loss", "--pairs", "--out"):
         ap.add_argument(a, required=True)
     ap.add_argument("--init-lora", default=None)
+    ap.add_argument("--lpips", default=None)
     args = ap.parse_args(argv)
     with open(args.config) as f:
         cfg = validate_config(json.load(f), source=args.config)
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = train_consistency_stage(cfg, tcfg, name=args.stage, pairs_art=store.open_uri(args.pairs),
                                       out_art=store.open_uri(args.out), loss=args.loss,
                                       reporter=Reporter(bars=acc.is_main_process), init_lora_uri=args.init_lora,
-                                      accelerator=acc)
+                                      lpips_uri=args.lpips, accelerator=acc)
     if acc.is_main_process:
         summary["num_processes"] = acc.num_processes
         store.open_uri(args.out).mark_done(f"{args.stage}-train", summary)

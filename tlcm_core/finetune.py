@@ -239,6 +239,7 @@ def run_finetune(cfg: PipelineConfig, init_art, out_art, reporter: Reporter) -> 
         step, log = int(state["step"]), state["log"]
         reporter.log(f"finetune: resuming from checkpoint step {step}")
     start = step
+    reporter.progress("finetune", step, fc.iterations)
     upper = sorted(milestones(schedule.T, cfg.schedule.segments))[1:]
     size = cfg.teacher.resolution // cfg_vae_factor(cfg)
     shape = (unet.config.in_channels, size, size)

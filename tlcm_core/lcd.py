@@ -126,7 +126,8 @@ def run_lcd_trajectories(cfg: PipelineConfig, lora_art, art, reporter: Reporter,
                             setup=setup)
 
 
-def run_lcd(cfg: PipelineConfig, pairs_art, init_art, out_art, reporter: Reporter) -> dict:
+def run_lcd(cfg: PipelineConfig, pairs_art, init_art, out_art, reporter: Reporter, lpips_art=None) -> dict:
     """Stage `lcd`: eq. 10 on the milestone pairs, continuing the stage-1 LoRA; the teacher is not loaded."""
     return train_consistency_stage(cfg, cfg.lcd, name="lcd", pairs_art=pairs_art, out_art=out_art, loss="lcd",
-                                   reporter=reporter, init_lora_uri=init_art.uri)
+                                   reporter=reporter, init_lora_uri=init_art.uri,
+                                   lpips_uri=lpips_art.uri if lpips_art is not None else None)

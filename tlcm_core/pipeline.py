@@ -56,9 +56,12 @@ def _trainer_config(section: str) -> Callable[[PipelineConfig], dict]:
         tcfg = getattr(cfg, section).model_dump(mode="json")
         for k in ("log_every", "prefetch"):  # bookkeeping that does not change the weights
             tcfg.pop(k, None)
-        return {section: tcfg, "lora": cfg.lora.model_dump(mode="json"), "seed": cfg.compute.seed,
-                "dtype": cfg.compute.dtype, "schedule": cfg.schedule.model_dump(mode="json"),
-                "num_processes": cfg.compute.num_processes}
+        out = {section: tcfg, "lora": cfg.lora.model_dump(mode="json"), "seed": cfg.compute.seed,
+               "dtype": cfg.compute.dtype, "schedule": cfg.schedule.model_dump(mode="json"),
+               "num_processes": cfg.compute.num_processes}
+        if tcfg.get("distance") == "latent-lpips" and cfg.latent_lpips.source == "file":
+            out["latent_lpips_weights"] = cfg.latent_lpips.weights  # other sources: the input artifact's fingerprint
+        return out
 
     return f
 
@@ -79,7 +82,33 @@ def _run_trajectories(cfg, inputs, out, reporter):
 def _run_mlcd(cfg, inputs, out, reporter):
     from .mlcd import run_mlcd
 
-    return run_mlcd(cfg, inputs["pairs"], out, reporter)
+    return run_mlcd(cfg, inputs["pairs"], out, reporter, lpips_art=inputs.get("lpips"))
+
+
+def _lpips_inputs(cfg: PipelineConfig) -> dict[str, str]:
+    return {"pairs": "teacher-trajectories"} if cfg.latent_lpips.source == "datafree" else {}
+
+
+def _lpips_config(cfg: PipelineConfig) -> dict:
+    # the teacher identifies the VAE that encodes (BAPPS) or decodes (data-free) the latents
+    return {"latent_lpips": cfg.latent_lpips.model_dump(mode="json"), "teacher": _teacher(cfg)}
+
+
+def _run_latent_lpips(cfg, inputs, out, reporter):
+    from .lpips_stage import run_latent_lpips
+
+    return run_latent_lpips(cfg, inputs, out, reporter)
+
+
+def _with_latent_lpips(section: str, inputs: dict[str, str]) -> Callable[[PipelineConfig], dict[str, str]]:
+    """A trainer whose distance is latent-lpips also reads the latent-lpips artifact (unless the weights are a file)."""
+
+    def f(cfg: PipelineConfig) -> dict[str, str]:
+        if getattr(cfg, section).distance == "latent-lpips" and cfg.latent_lpips.source != "file":
+            return {**inputs, "lpips": "latent-lpips"}
+        return dict(inputs)
+
+    return f
 
 
 def _lcd_traj_config(cfg: PipelineConfig) -> dict:
@@ -101,7 +130,7 @@ def _run_lcd_trajectories(cfg, inputs, out, reporter, shards=None):
 def _run_lcd(cfg, inputs, out, reporter):
     from .lcd import run_lcd
 
-    return run_lcd(cfg, inputs["pairs"], inputs["init"], out, reporter)
+    return run_lcd(cfg, inputs["pairs"], inputs["init"], out, reporter, lpips_art=inputs.get("lpips"))
 
 
 def _run_finetune(cfg, inputs, out, reporter):
@@ -150,11 +179,13 @@ def _eval_inputs(cfg: PipelineConfig) -> dict[str, str]:
 
 SPECS: dict[str, StageSpec] = {
     "teacher-trajectories": StageSpec("teacher-trajectories", 1, lambda c: {}, _traj_config, _run_trajectories),
-    "mlcd": StageSpec("mlcd", 1, lambda c: {"pairs": "teacher-trajectories"}, _trainer_config("mlcd"), _run_mlcd),
+    "latent-lpips": StageSpec("latent-lpips", 1, _lpips_inputs, _lpips_config, _run_latent_lpips),
+    "mlcd": StageSpec("mlcd", 1, _with_latent_lpips("mlcd", {"pairs": "teacher-trajectories"}), _trainer_config("mlcd"),
+                      _run_mlcd),
     "lcd-trajectories": StageSpec("lcd-trajectories", 1, lambda c: {"lora": "mlcd"}, _lcd_traj_config,
                                   _run_lcd_trajectories),
-    "lcd": StageSpec("lcd", 1, lambda c: {"pairs": "lcd-trajectories", "init": "mlcd"}, _trainer_config("lcd"),
-                     _run_lcd),
+    "lcd": StageSpec("lcd", 1, _with_latent_lpips("lcd", {"pairs": "lcd-trajectories", "init": "mlcd"}),
+                     _trainer_config("lcd"), _run_lcd),
     "finetune": StageSpec("finetune", 1, _finetune_inputs, _finetune_config, _run_finetune),
     "evaluate": StageSpec(
         "evaluate", 1, _eval_inputs,

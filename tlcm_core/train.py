@@ -277,6 +277,8 @@ def train_loop(cfg: TrainerConfig, *, name: str, model: torch.nn.Module, params:
     source = batches(step * cfg.grad_accum * world + rank)
     it = itertools.islice(source, 0, None, world)
     t0, window = time.perf_counter(), []
+    if main:
+        reporter.progress(name, step, cfg.iterations)  # the bar starts at the resumed step, rates stay true
     while step < cfg.iterations:
         for _ in range(cfg.grad_accum):
             batch = next(it).to(device)

@@ -6,6 +6,11 @@ from typing import Callable
 
 import torch
 
+from .latent_lpips import LatentLPIPS, LatentLPIPSWeightsError, load_latent_lpips, save_latent_lpips
+
+__all__ = ["Distance", "LatentLPIPS", "LatentLPIPSWeightsError", "consistency_loss", "load_latent_lpips",
+           "make_distance", "mse", "pseudo_huber", "save_latent_lpips"]
+
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (pred, target) -> per-sample (B,)
 
 
