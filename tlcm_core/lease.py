@@ -27,6 +27,8 @@ import uuid
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from .store import env_seconds
+
 LEASE_FILE = "_lease.json"
 
 # owners of the leases this process holds right now (a lease of this process not listed here is an orphan)
@@ -67,19 +69,6 @@ class Lease:
 
 def _now() -> float:
     return time.time()
-
-
-def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        v = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} must be a number of seconds") from None
-    if not v > 0:
-        raise ValueError(f"{name}={raw!r} must be positive")
-    return v
 
 
 def _read_text(path: str) -> str | None:
@@ -223,9 +212,9 @@ def artifact_lease(art, *, ttl_s: float | None = None, heartbeat_s: float | None
     committing), or false when `done()` became true while waiting (another worker completed the artifact: use
     it). Raises LeaseTimeout after wait_timeout_s.
     """
-    ttl_s = ttl_s or _env_seconds("TLCM_LEASE_TTL_S", 120.0)
-    poll_s = poll_s or _env_seconds("TLCM_LEASE_POLL_S", 2.0)
-    settle_s = _env_seconds("TLCM_LEASE_SETTLE_S", 0.5) if settle_s is None else settle_s
+    ttl_s = ttl_s or env_seconds("TLCM_LEASE_TTL_S", 120.0, allow_zero=False)
+    poll_s = poll_s or env_seconds("TLCM_LEASE_POLL_S", 2.0, allow_zero=False)
+    settle_s = env_seconds("TLCM_LEASE_SETTLE_S", 0.5, allow_zero=False) if settle_s is None else settle_s
     settle_s = min(settle_s, ttl_s / 4)  # the lease must outlive the settle delay before its first renewal
     heartbeat_s = min(heartbeat_s or ttl_s / 4, ttl_s / 4)
     me = process_identity()

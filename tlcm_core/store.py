@@ -103,6 +103,21 @@ class StoreUnavailableError(StoreError):
 # Retries for transient remote-store errors
 
 
+def env_seconds(name: str, default: float, allow_zero: bool = True) -> float:
+    """A duration from the environment (unset or empty: `default`); anything else but a finite number >= 0
+    (> 0 without allow_zero) is an error naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        v = float("nan")
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name}={raw!r} must be a {'non-negative' if allow_zero else 'positive'} number of seconds")
+    return v
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with jitter, bounded in total time per operation.
@@ -119,20 +134,9 @@ class RetryPolicy:
 
     @classmethod
     def from_env(cls) -> RetryPolicy:
-        def value(name: str, default: float) -> float:
-            raw = os.environ.get(name, "").strip()
-            if not raw:
-                return default
-            try:
-                v = float(raw)
-            except ValueError:
-                v = float("nan")
-            if not math.isfinite(v) or v < 0:
-                raise StoreError(f"{name}={raw!r} must be a non-negative number of seconds")
-            return v
-
-        return cls(value("TLCM_STORE_RETRY_TOTAL_S", cls.total_s), value("TLCM_STORE_RETRY_BASE_S", cls.base_s),
-                   value("TLCM_STORE_RETRY_MAX_DELAY_S", cls.max_delay_s))
+        return cls(env_seconds("TLCM_STORE_RETRY_TOTAL_S", cls.total_s),
+                   env_seconds("TLCM_STORE_RETRY_BASE_S", cls.base_s),
+                   env_seconds("TLCM_STORE_RETRY_MAX_DELAY_S", cls.max_delay_s))
 
     def delay(self, attempt: int) -> float:
         return min(self.max_delay_s, self.base_s * 2.0 ** attempt) * (0.5 + 0.5 * random.random())
@@ -172,10 +176,22 @@ def _is_transient(e: BaseException) -> bool:
     return False
 
 
+def _retry_delay(policy: RetryPolicy, e: BaseException, attempt: int, t0: float, explain, what: str) -> float:
+    """The wait before retry `attempt + 1` of a failed call, or re-raise: `e` is not transient, or the next try
+    would start past the policy's budget (then as StoreUnavailableError with `explain`'s message)."""
+    if not _is_transient(e):
+        raise e
+    elapsed = time.monotonic() - t0
+    d = policy.delay(attempt)
+    if elapsed + d > policy.total_s:
+        raise StoreUnavailableError(explain(e, attempt + 1, elapsed)) from e
+    log.warning("%s: transient %s; retry %d in %.2f s", what, type(e).__name__, attempt + 1, d)
+    return d
+
+
 def _retry_call(policy: RetryPolicy, fn: Callable[[], Any], explain: Callable[[BaseException, int, float], str],
                 what: str, missing_ok_on_retry: bool = False) -> Any:
-    t0 = time.monotonic()
-    attempt = 0
+    t0, attempt = time.monotonic(), 0
     while True:
         try:
             return fn()
@@ -184,23 +200,16 @@ def _retry_call(policy: RetryPolicy, fn: Callable[[], Any], explain: Callable[[B
                 return None
             raise
         except Exception as e:
-            if not _is_transient(e):
-                raise
-            elapsed = time.monotonic() - t0
-            d = policy.delay(attempt)
-            if elapsed + d > policy.total_s:
-                raise StoreUnavailableError(explain(e, attempt + 1, elapsed)) from e
+            time.sleep(_retry_delay(policy, e, attempt, t0, explain, what))
             attempt += 1
-            log.warning("%s: transient %s; retry %d in %.2f s", what, type(e).__name__, attempt, d)
-            time.sleep(d)
 
 
 async def _aretry_call(policy: RetryPolicy, fn: Callable[[], Any], explain, what: str,
                        missing_ok_on_retry: bool = False) -> Any:
+    """_retry_call for coroutines (zarr's async store calls)."""
     import asyncio
 
-    t0 = time.monotonic()
-    attempt = 0
+    t0, attempt = time.monotonic(), 0
     while True:
         try:
             return await fn()
@@ -209,15 +218,8 @@ async def _aretry_call(policy: RetryPolicy, fn: Callable[[], Any], explain, what
                 return None
             raise
         except Exception as e:
-            if not _is_transient(e):
-                raise
-            elapsed = time.monotonic() - t0
-            d = policy.delay(attempt)
-            if elapsed + d > policy.total_s:
-                raise StoreUnavailableError(explain(e, attempt + 1, elapsed)) from e
+            await asyncio.sleep(_retry_delay(policy, e, attempt, t0, explain, what))
             attempt += 1
-            log.warning("%s: transient %s; retry %d in %.2f s", what, type(e).__name__, attempt, d)
-            await asyncio.sleep(d)
 
 
 # fsspec methods that talk to the store and are safe to repeat (deletes: a missing file on a retry is success)
