@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from prefect.client.schemas.objects import FlowRun
@@ -338,3 +339,18 @@ def test_stack_up_refuses_a_busy_port(tmp_path, capsys):
     assert f"port {port}" in capsys.readouterr().err
     assert not (tmp_path / "stack.json").exists()
 
+
+
+def test_prefect_yaml_parses_and_declares_every_stage():
+    """A YAML slip in deploy/prefect.yaml makes `prefect deploy` skip the file: catch it without a server."""
+    import yaml
+
+    from tlcm_core.config import STAGES
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "prefect.yaml").read_text())
+    names = {d["name"] for d in doc["deployments"]}
+    assert {"full-distill", "toy-teacher", *STAGES} <= names
+    for d in doc["deployments"]:
+        assert d["entrypoint"] in ("flows.tlcm:tlcm", "flows.toy_teacher:toy_teacher"), d
+        if d["name"] in STAGES:
+            assert d["parameters"]["stages"] == [d["name"]] and d["parameters"]["dispatch"] == "local"
