@@ -40,13 +40,13 @@ def main():
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--title", default="Toy-world ablation (TLCM Table 2 shape)")
     args = ap.parse_args()
-    from tlcm_core.config import STAGES, load_config
+    from tlcm_core.config import load_config
     from tlcm_core.pipeline import SPECS, run_pipeline
     from tlcm_core.progress import Reporter
 
     steps = [int(s) for s in args.steps.split(",")]
     names = [KEYS[k] for k in args.only.split(",")] if args.only else list(VARIANTS)
-    rows, times = [], {}
+    rows, times = [], {}  # times: (variant, stage) -> seconds of stages computed in this run
     teacher_done = False
     for name in names:
         stages, extra = VARIANTS[name]
@@ -63,7 +63,7 @@ def main():
         results = run_pipeline(cfg, reporter=Reporter(bars=sys.stderr.isatty()))
         for r in results:
             if not r.cached and r.stage != "evaluate":
-                times[r.stage] = r.summary.get("wall_seconds", round(time.perf_counter() - t0, 1))
+                times[f"{r.stage} ({name})"] = r.summary.get("wall_seconds", round(time.perf_counter() - t0, 1))
         ev = results[-1].summary["rows"]
         for row in ev:
             if row["method"].startswith("teacher"):
@@ -72,7 +72,7 @@ def main():
         for n in steps:
             row = next(r for r in ev if not r["method"].startswith("teacher") and r["steps"] == n)
             rows.append({"variant": name, **_pick(row)})
-    stage_times = ", ".join(f"{s} {times[s]:.0f} s" for s in STAGES + ("latent-lpips",) if s in times)
+    stage_times = ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
     report(args.title, rows, notes=f"config {args.config} {' '.join(args.overrides)}; {args.samples} samples per row; "
                                    f"wall time of each stage computed in this run: {stage_times}.")
 
