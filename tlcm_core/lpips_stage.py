@@ -274,13 +274,23 @@ def fit_regression(model: LatentLPIPS, a, b, d, *, steps: int, lr: float, batch_
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.999))  # lpips' trainer settings
     g = torch.Generator().manual_seed(seed)
-    log, t0, run = [], time.time(), 0.0
-    for step in range(1, steps + 1):
+    def batch_loss() -> torch.Tensor:
         k = torch.randint(0, len(a), (min(batch_size, len(a)),), generator=g)
         pred = model(a[k].to(device), b[k].to(device))
         loss = F.mse_loss(torch.log(pred + floor), target[k].to(device))
         if raw_weight:
             loss = loss + raw_weight * F.mse_loss(pred / scale, d[k].to(device) / scale)
+        return loss
+
+    return _fit(model, opt, steps, batch_loss, log_every, reporter)
+
+
+def _fit(model, opt, steps: int, batch_loss, log_every: int, reporter) -> list[dict]:
+    """The optimisation loop both trainers share: a step on `batch_loss()`, heads clamped >= 0 (as LPIPS),
+    a smoothed loss logged every `log_every` steps."""
+    log, t0, run = [], time.time(), 0.0
+    for step in range(1, steps + 1):
+        loss = batch_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -455,22 +465,13 @@ def train_latent_lpips_2afc(train: TwoAFC, val: TwoAFC, *, width: float = 1.0, s
     opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
     g = torch.Generator().manual_seed(seed)
     model.train()
-    log, t0, run = [], time.time(), 0.0
-    for step in range(1, steps + 1):
+    def batch_loss() -> torch.Tensor:
         k = torch.randint(0, len(train), (min(batch_size, len(train)),), generator=g)
         r = train.ref[k].to(device)
         d0, d1 = model(r, train.p0[k].to(device)), model(r, train.p1[k].to(device))
-        loss = F.binary_cross_entropy_with_logits(head(d0, d1), train.judge[k].to(device).float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        model.clamp_heads()
-        run = loss.item() if step == 1 else 0.95 * run + 0.05 * loss.item()
-        if step % log_every == 0 or step == steps:
-            log.append({"step": step, "loss": round(run, 5), "s": round(time.time() - t0, 1)})
-            if reporter is not None:
-                reporter.progress("latent-lpips", step, steps, loss=run)
-    model.eval()
+        return F.binary_cross_entropy_with_logits(head(d0, d1), train.judge[k].to(device).float())
+
+    log = _fit(model, opt, steps, batch_loss, log_every, reporter)
     metrics = {"val": score_2afc(model, val, device),
                "train": score_2afc(model, train.take(range(min(len(train), 2048))), device),
                "untrained_latent_lpips": init, "baseline_latent_mse": score_2afc(_latent_mse, val, device),
