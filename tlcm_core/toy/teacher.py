@@ -156,6 +156,17 @@ def _default_progress() -> tuple[Progress, Callable[[], None]]:
     return cb, close
 
 
+def save_pipeline_atomically(pipe, dest: Path) -> None:
+    """save_pretrained into a temp folder beside `dest`, then swap it in: a kill never leaves half a pipeline."""
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+
+
 def _load_init_pipeline(ckpt_dir: Path, seed: int):
     from diffusers import StableDiffusionXLPipeline
 
@@ -163,14 +174,7 @@ def _load_init_pipeline(ckpt_dir: Path, seed: int):
 
     init = ckpt_dir / "init"
     if not (init / "model_index.json").exists():
-        pipe = build_toy_pipeline(seed)
-        tmp = ckpt_dir / f".tmp-init-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if init.exists():
-            shutil.rmtree(init)
-        os.replace(tmp, init)
+        save_pipeline_atomically(build_toy_pipeline(seed), init)
     pipe = StableDiffusionXLPipeline.from_pretrained(init)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -377,13 +381,7 @@ def train_toy_teacher(
 
         unet_metrics = _train_unet(pipe, lat_mean, lat_std, pidx, s, ckpt_dir, progress, resume)
 
-        tmp = out / f".tmp-pipeline-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        save_pipeline_atomically(pipe, final)
         done_marker.write_text(
             json.dumps(
                 {
