@@ -19,7 +19,7 @@ import sys
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="toy", help="preset name (toy, toy-fast, sdxl, sd15) or a YAML path")
+    p.add_argument("--config", default="toy", help="preset name (toy, toy-fast, toy-hard, toy-hard-fast, sdxl, sd15) or a YAML path")
     p.add_argument("--store", default=None, help="artifact store URL: a folder or s3://bucket/prefix "
                    "(default: the config's store.url)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -132,9 +132,11 @@ def cmd_artifacts(args) -> int:
 
 
 def cmd_toy_teacher(args) -> int:
+    from tlcm_core.toy.build_assets import WORLD_RECIPES
     from tlcm_core.toy.teacher import ToyTeacherSettings, train_toy_teacher
 
-    settings = ToyTeacherSettings(**({"world": args.world} if args.world else {}))
+    world = args.world or "toy"
+    settings = ToyTeacherSettings(**{**WORLD_RECIPES.get(world, {}).get("teacher", {}), "world": world})
     if args.steps:
         settings = settings.model_copy(update={"unet_steps": args.steps})
     out = train_toy_teacher(settings, args.out, resume=True)

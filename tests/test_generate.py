@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from tiny_lora import LORA, PROMPTS, fresh_pipe, pipeline_latents, reference_latents, trained_lora
 
 from tlcm_core.generate import generate, read_lora
-from tlcm_core.lora import LoRAError, load_lora_into
+from tlcm_core.lora import LoRAError, load_lora_into, merge_lora, unmerge_lora
 from tlcm_core.schedule import NoiseSchedule, milestones, sampler_timesteps
 from tlcm_core.scheduler import TLCMScheduler
 
@@ -23,7 +23,31 @@ EXACT = dict(rtol=0.0, atol=0.0)
 def lora_pipe():
     pipe = fresh_pipe()
     load_lora_into(pipe.unet, trained_lora()[0], LORA)
+    merge_lora(pipe.unet)  # as tlcm_pipeline and evaluate sample
     return pipe
+
+
+def test_merged_lora_samples_what_the_adapter_samples():
+    """Sampling folds the LoRA into the weights (one matmul per layer instead of three): same latents up to float
+    rounding, every adapted layer merged, and unmerging gives the adapter back."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    pipe = fresh_pipe()
+    load_lora_into(pipe.unet, trained_lora()[0], LORA)
+    base_w = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if "base_layer" in n}
+    unmerged = reference_latents(None, 4, seed=5, pipe=pipe)
+    layers = [m for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer)]
+    assert merge_lora(pipe.unet) == len(layers) > 0 and all(m.merged for m in layers)
+    assert merge_lora(pipe.unet) == 0  # idempotent
+    merged = reference_latents(None, 4, seed=5, pipe=pipe)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    changed = [n for n, p in pipe.unet.named_parameters() if n in base_w and not torch.equal(p, base_w[n])]
+    assert changed, "merging must change the base weights"
+    unmerge_lora(pipe.unet)
+    assert not any(m.merged for m in layers)
+    for n, p in pipe.unet.named_parameters():
+        if n in base_w:
+            torch.testing.assert_close(p, base_w[n], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("steps,mode", [(1, "renoise"), (2, "renoise"), (4, "renoise"), (3, "multistep")])

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .config import PipelineConfig
-from .lora import check_lora, load_lora_into
+from .lora import check_lora, load_lora_into, merge_lora
 from .models import (Denoiser, decode_latents, encode_prompts, latent_shape, load_pipeline, resolve_device,
                      resolve_dtype, teacher_identity)
 from .progress import Reporter
@@ -71,8 +71,9 @@ class Sampler:
         self.cond, self.uncond = encode_prompts(pipe, self.prompts, cfg.teacher.resolution)
         self.shape = latent_shape(pipe, cfg.teacher.resolution)
         self.student = lora is not None
-        if lora is not None:
+        if lora is not None:  # merged: sampling runs the plain UNet (its own pipeline, never the teacher's)
             load_lora_into(pipe.unet, lora, cfg.lora)
+            merge_lora(pipe.unet)
         self.denoiser = Denoiser(pipe.unet, self.schedule)
 
     @torch.no_grad()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import LoRAConfig, TeacherConfig
-from .lora import LoRAError, check_lora, load_lora_into
+from .lora import LoRAError, check_lora, load_lora_into, merge_lora
 
 
 @dataclass
@@ -99,7 +99,8 @@ def check_base(lora: LoRAFile, teacher: TeacherConfig) -> None:
 def tlcm_pipeline(teacher: TeacherConfig, lora_state: dict[str, torch.Tensor], lora: LoRAConfig, *,
                   segments: int = 8, sampler: str = "renoise", device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None):
-    """The base pipeline with the LoRA loaded (as in training: PEFT adapter `tlcm`) and the TLCM scheduler."""
+    """The base pipeline with the LoRA loaded (as in training: PEFT adapter `tlcm`), merged into the UNet's weights
+    for sampling speed, and the TLCM scheduler."""
     from .config import ComputeConfig
     from .models import load_pipeline, resolve_device, resolve_dtype
     from .scheduler import TLCMScheduler
@@ -108,6 +109,7 @@ def tlcm_pipeline(teacher: TeacherConfig, lora_state: dict[str, torch.Tensor], l
     dtype = dtype or resolve_dtype(ComputeConfig(dtype="float16"), device)
     pipe = load_pipeline(teacher, device, dtype)
     load_lora_into(pipe.unet, lora_state, lora)
+    merge_lora(pipe.unet)
     pipe.scheduler = TLCMScheduler.from_base(pipe.scheduler.config, segments=segments, sampler=sampler)
     return pipe
 

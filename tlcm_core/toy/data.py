@@ -38,6 +38,11 @@ class World:
     template: str
     renderer: Renderer = field(repr=False)
     image_size: int = 32
+    spatial: bool = False  # attributes tied to image regions: the evaluator keeps its spatial layout
+    # How ``sample`` picks prompts (part of the RNG draw order): "mod" = randperm(n) % P (the "toy" world's;
+    # balanced only when n >= P), "blocks" = consecutive random permutations of all P prompts, cut to n
+    # (balanced and covering random prompts for any n: needed when P is larger than a batch).
+    prompt_order: str = "mod"
     chunk: int = 4096  # render chunk (part of the RNG draw order: never change for an existing world)
 
     # ---------------------------------------------------------------- prompts
@@ -94,15 +99,17 @@ class World:
     def sample(self, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
         """``n`` images (float [0,1], shape (n, 3, H, W)) and their prompts, balanced over prompts.
 
-        Prompt ``i`` of the output is ``prompts()[perm[i] % P]``: every prompt appears ``n // P`` or
-        ``n // P + 1`` times. Deterministic in (n, seed).
+        Every prompt appears ``n // P`` or ``n // P + 1`` times (for "mod" worlds: when n >= P); see
+        ``prompt_order``. Deterministic in (n, seed).
         """
         if n < 0:
             raise ValueError("n must be >= 0")
         g = torch.Generator().manual_seed(int(seed))
         P = self.num_prompts
-        order = torch.randperm(n, generator=g)
-        pidx = order % P
+        if self.prompt_order == "blocks":
+            pidx = torch.cat([torch.randperm(P, generator=g) for _ in range(-(-n // P))] or [torch.zeros(0, dtype=torch.long)])[:n]
+        else:
+            pidx = torch.randperm(n, generator=g) % P
         labels = self.labels_of_prompt_index(pidx)
         images = torch.empty(n, 3, self.image_size, self.image_size)
         for s in range(0, n, self.chunk):
@@ -178,6 +185,45 @@ def _render_toy(labels: torch.Tensor, g: torch.Generator, size: int) -> torch.Te
     return img.clamp_(0.0, 1.0)
 
 
+_HARD_RGB = dict(_TOY_RGB, purple=(0.62, 0.20, 0.85))
+
+
+def _render_toy_hard(labels: torch.Tensor, g: torch.Generator, size: int) -> torch.Tensor:
+    """Two objects, each with its own colour and shape: one in the left half, one in the right half, each at
+    a random height and size, on the "toy" world's dark, tinted, noisy background.
+
+    Few-step samplers are hurt by what the prompt leaves open (each object's height and size) and by
+    binding (which colour goes with which shape on which side); a teacher with enough steps resolves both.
+    RNG draw order (frozen): per object (left, then right): r, cx, cy, colour jitter, brightness; then bg
+    level, bg tint, gradient direction, gradient amplitude, noise std, pixel noise.
+    """
+    n = labels.shape[0]
+    palette = torch.tensor(list(_HARD_RGB.values()))
+    half = size / 2
+    masks, colors = [], []
+    for side in range(2):
+        color_idx, shape_idx = labels[:, 2 * side], labels[:, 2 * side + 1]
+        r = _u(g, n, 3.6, 6.6)
+        ext = r * 1.06 + 0.5  # keeps the shape inside its half (the halves never overlap)
+        cx = side * half + ext + (half - 2 * ext) * torch.rand(n, generator=g)
+        cy = ext + (size - 2 * ext) * torch.rand(n, generator=g)
+        colors.append((palette[color_idx] + _u(g, n, -0.07, 0.07, 3)) * _u(g, n, 0.85, 1.05, 1))
+        masks.append(_shape_masks(shape_idx, cx, cy, r, size))
+    bg_level = _u(g, n, 0.02, 0.22, 1)
+    bg_tint = _u(g, n, -0.06, 0.06, 3)
+    theta = _u(g, n, 0.0, 2 * math.pi)
+    amp = _u(g, n, 0.0, 0.08)
+    noise_std = _u(g, n, 0.0, 0.03)
+    noise = torch.randn(n, 3, size, size, generator=g) * noise_std.view(n, 1, 1, 1)
+
+    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size - 0.5
+    grad = torch.cos(theta).view(n, 1, 1) * coords.view(1, 1, -1) + torch.sin(theta).view(n, 1, 1) * coords.view(1, -1, 1)
+    img = (bg_level + bg_tint).view(n, 3, 1, 1) + (amp.view(n, 1, 1) * grad).unsqueeze(1)
+    for mask, color in zip(masks, colors):
+        img = img * (1 - mask) + color.view(n, 3, 1, 1) * mask
+    return (img + noise).clamp_(0.0, 1.0)
+
+
 WORLDS: dict[str, World] = {
     "toy": World(
         name="toy",
@@ -187,6 +233,20 @@ WORLDS: dict[str, World] = {
         },
         template="a {color} {shape}",
         renderer=_render_toy,
+    ),
+    # The harder world (issue #10): 400 prompts, four attributes, room between few-step and 25-step sampling.
+    "toy-hard": World(
+        name="toy-hard",
+        attributes={
+            "left_color": list(_HARD_RGB),
+            "left_shape": ["circle", "square", "triangle", "cross"],
+            "right_color": list(_HARD_RGB),
+            "right_shape": ["circle", "square", "triangle", "cross"],
+        },
+        template="a {left_color} {left_shape} left of a {right_color} {right_shape}",
+        renderer=_render_toy_hard,
+        spatial=True,
+        prompt_order="blocks",
     ),
 }
 

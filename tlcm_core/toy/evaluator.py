@@ -38,14 +38,21 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class ToyEvaluator(nn.Module):
-    """CNN classifier: conv stages -> global average pool -> feature layer (D) -> one head per attribute."""
+    """CNN classifier: conv stages -> pool -> feature layer (D) -> one head per attribute.
 
-    def __init__(self, attributes: dict[str, list[str]], channels=(32, 64, 128), feature_dim: int = 128, world: str = "toy"):
+    ``pool="mean"`` averages the last 4x4 map (position-free: the one-object world); ``pool="flatten"``
+    keeps it, so heads can tell where an object is (worlds whose attributes belong to image regions)."""
+
+    def __init__(self, attributes: dict[str, list[str]], channels=(32, 64, 128), feature_dim: int = 128, world: str = "toy",
+                 pool: str = "mean"):
         super().__init__()
+        if pool not in ("mean", "flatten"):
+            raise ValueError(f"pool must be 'mean' or 'flatten', got {pool!r}")
         self.world_name = world
         self.attributes = {k: list(v) for k, v in attributes.items()}
         self.channels = tuple(int(c) for c in channels)
         self.feature_dim = int(feature_dim)
+        self.pool = pool
         c1, c2, c3 = self.channels
         self.body = nn.Sequential(
             _block(3, c1), _block(c1, c1), nn.MaxPool2d(2),  # 16x16
@@ -53,7 +60,7 @@ class ToyEvaluator(nn.Module):
             _block(c2, c3), nn.MaxPool2d(2),  # 4x4
             _block(c3, c3),
         )
-        self.feat = nn.Sequential(nn.Linear(c3, self.feature_dim), nn.ReLU(inplace=True))
+        self.feat = nn.Sequential(nn.Linear(c3 * (16 if pool == "flatten" else 1), self.feature_dim), nn.ReLU(inplace=True))
         self.heads = nn.ModuleDict({k: nn.Linear(self.feature_dim, len(v)) for k, v in self.attributes.items()})
 
     # ------------------------------------------------------------------------------ config / io
@@ -63,6 +70,7 @@ class ToyEvaluator(nn.Module):
             "attributes": self.attributes,
             "channels": list(self.channels),
             "feature_dim": self.feature_dim,
+            "pool": self.pool,
         }
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
@@ -80,7 +88,7 @@ class ToyEvaluator(nn.Module):
         """Load the shipped evaluator of ``world`` (or the one at ``path``); eval mode, no grad on params."""
         path = Path(path) if path is not None else _ASSETS / world / "evaluator.safetensors"
         cfg = json.loads(path.with_suffix(".json").read_text())
-        model = cls(cfg["attributes"], cfg["channels"], cfg["feature_dim"], cfg.get("world", world))
+        model = cls(cfg["attributes"], cfg["channels"], cfg["feature_dim"], cfg.get("world", world), cfg.get("pool", "mean"))
         model.load_state_dict(load_file(str(path)))
         model.eval()
         model.requires_grad_(False)
@@ -93,7 +101,8 @@ class ToyEvaluator(nn.Module):
         p = next(self.parameters())
         x = images.to(device=p.device, dtype=p.dtype) * 2 - 1
         h = self.body(x)
-        return self.feat(h.mean(dim=(2, 3)))
+        h = F.adaptive_avg_pool2d(h, 4).flatten(1) if self.pool == "flatten" else h.mean(dim=(2, 3))
+        return self.feat(h)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.logits(images)
@@ -249,7 +258,7 @@ def train_evaluator(
     (``.safetensors`` + ``.json``) when given. ``progress(phase, step, total, metrics)`` as elsewhere."""
     torch.manual_seed(seed)
     w = get_world(world)
-    model = ToyEvaluator(w.attributes, world=world)
+    model = ToyEvaluator(w.attributes, world=world, pool="flatten" if w.spatial else "mean")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed * 7919 + 17)
     names = list(w.attributes)

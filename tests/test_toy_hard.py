@@ -1,0 +1,88 @@
+"""The harder toy world (issue #10): two objects with their own colours and shapes, its shipped teacher and
+evaluator, the headroom its metrics record, and that the easy world did not change."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from tlcm_core.config import load_config  # noqa: E402
+from tlcm_core.toy import TOY_ASSETS, ToyEvaluator, get_world, toy_evaluator_path, toy_teacher_path  # noqa: E402
+
+HARD = "toy-hard"
+
+
+def test_prompts_labels_and_parse():
+    w = get_world(HARD)
+    ps = w.prompts()
+    assert len(ps) == w.num_prompts == 400 and len(set(ps)) == 400
+    assert ps[0] == "a red circle left of a red circle" and ps[-1] == "a purple cross left of a purple cross"
+    assert w.parse_prompt("a blue triangle left of a purple circle") == {
+        "left_color": 2, "left_shape": 2, "right_color": 4, "right_shape": 0}
+    idx = torch.arange(400)
+    lab = w.labels_of_prompt_index(idx)
+    assert torch.equal(lab, w.labels(ps))
+    with pytest.raises(ValueError, match="not a prompt of world 'toy-hard'"):
+        w.parse_prompt("a red circle")
+
+
+@pytest.mark.parametrize("n", [7, 128, 400, 1000])
+def test_sampling_is_balanced_for_any_batch_size(n):
+    """400 prompts and batches of 128: every batch must draw random prompts (not always the first 128)."""
+    w = get_world(HARD)
+    x, p = w.sample(n, seed=11)
+    x2, p2 = w.sample(n, seed=11)
+    assert torch.equal(x, x2) and p == p2 and x.shape == (n, 3, 32, 32)
+    counts = {q: p.count(q) for q in set(p)}
+    assert max(counts.values()) - min(counts.values()) <= 1 and len(counts) == min(n, 400)
+    if n == 128:  # not the first 128 prompts of the fixed order
+        assert {w.parse_prompt(q)["left_color"] for q in p} == set(range(5))
+
+
+def test_each_object_sits_in_its_half_in_its_colour():
+    w = get_world(HARD)
+    x, p = w.sample(256, seed=5)
+    lab = w.labels(p)
+    palette = torch.tensor([[0.90, 0.15, 0.12], [0.15, 0.78, 0.20], [0.20, 0.35, 0.95], [0.95, 0.88, 0.15],
+                            [0.62, 0.20, 0.85]])
+    for side, cols in ((0, slice(0, 16)), (1, slice(16, 32))):
+        half = x[:, :, :, cols]
+        # the brightest pixel of each half is its object; its colour is nearest to the prompt's colour
+        flat = half.flatten(2)
+        pix = flat.gather(2, flat.sum(1, keepdim=True).argmax(2, keepdim=True).expand(-1, 3, 1)).squeeze(2)
+        nearest = torch.cdist(pix, palette).argmin(1)
+        assert (nearest == lab[:, 2 * side]).float().mean() >= 0.95
+
+
+def test_easy_world_draws_are_unchanged():
+    """Artifacts of the easy world stay valid: its prompts, images and RNG draw order are frozen."""
+    x, p = get_world("toy").sample(64, seed=0)
+    assert hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16] == "9f39fddea0e060cd"
+    assert p[:4] == ["a yellow circle", "a yellow triangle", "a red square", "a red cross"]
+    assert ToyEvaluator.load("toy").pool == "mean"
+
+
+def test_presets_point_at_the_hard_world():
+    for name in ("toy-hard", "toy-hard-fast"):
+        cfg = load_config(name)
+        assert cfg.teacher.source == "toy:toy-hard" and cfg.trajectories.prompts == "toy:toy-hard"
+        assert {"teacher-trajectories", "mlcd", "lcd-trajectories", "lcd", "finetune", "evaluate",
+                "export"} <= set(cfg.stages)
+    assert load_config("toy-hard").evaluate.num_samples >= 1024
+
+
+def test_evaluator_pool_is_saved_and_checked(tmp_path):
+    w = get_world(HARD)
+    ev = ToyEvaluator(w.attributes, world=HARD, pool="flatten")
+    ev.save(tmp_path / "ev.safetensors")
+    back = ToyEvaluator.load(HARD, tmp_path / "ev.safetensors")
+    assert back.pool == "flatten" and json.loads((tmp_path / "ev.json").read_text())["pool"] == "flatten"
+    x, _ = w.sample(4, seed=0)
+    torch.testing.assert_close(back.features(x), ev.eval().features(x))
+    with pytest.raises(ValueError, match="pool"):
+        ToyEvaluator(w.attributes, pool="max")
