@@ -1,13 +1,17 @@
 """MLCD training speed: steps/s with batches read from zarr (local folder, local S3 endpoint) vs the same
 steps on in-memory tensors (target >= 0.95 with prefetching), side by side in one run.
 
-    python bench/bench_mlcd_data.py [--steps 60] [--batch 64]
+    python bench/bench_mlcd_data.py [--steps 60] [--batch 64] [--rounds 3]
+
+Each configuration is timed once per round, in an interleaved order, and the table shows the median over rounds:
+slow drift of a shared machine's load then hits every row alike instead of whichever ran last.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import tempfile
 import time
 
@@ -52,6 +56,7 @@ def main():
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--samples", type=int, default=2048)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp, moto_s3() as bucket:
         cfg = load_config("toy", [f"teacher.source={teacher_source()}", f"store.url={tmp}",
@@ -66,16 +71,26 @@ def main():
         remote.manifest(verify="checksum")  # the copy is complete
         need = args.steps + 3
         mem_batches = list(itertools.islice(PairBatches(local, args.batch, seed=0, prefetch=0).batches_from(0), need))
-        rows = []
-        mem = steps_per_s(cfg, mem_batches, args.steps)
-        rows.append({"batches from": "in-memory tensors", "prefetch": "-", "steps/s": mem, "ratio": 1.0})
-        for name, art in (("zarr, local folder", local), ("zarr, S3 endpoint (moto)", remote)):
-            for prefetch in (0, 4):
-                sps = steps_per_s(cfg, PairBatches(art, args.batch, seed=0, prefetch=prefetch).batches_from(0),
-                                  args.steps)
-                rows.append({"batches from": name, "prefetch": prefetch, "steps/s": sps, "ratio": sps / mem})
+        configs = [("in-memory tensors", None, "-")] + [
+            (name, art, prefetch) for name, art in (("zarr, local folder", local), ("zarr, S3 endpoint (moto)", remote))
+            for prefetch in (0, 4)]
+        timings: dict[int, list[float]] = {i: [] for i in range(len(configs))}
+        for r in range(args.rounds):
+            order = list(range(len(configs)))
+            order = order[r % len(order):] + order[:r % len(order)]  # rotate: no configuration always runs first
+            for i in order:
+                name, art, prefetch = configs[i]
+                batches = mem_batches if art is None else \
+                    PairBatches(art, args.batch, seed=0, prefetch=prefetch).batches_from(0)
+                timings[i].append(steps_per_s(cfg, batches, args.steps))
+        mem = statistics.median(timings[0])
+        rows = [{"batches from": name, "prefetch": prefetch, "steps/s": statistics.median(timings[i]),
+                 "ratio": statistics.median(timings[i]) / mem,
+                 "spread": (max(timings[i]) - min(timings[i])) / statistics.median(timings[i])}
+                for i, (name, _, prefetch) in enumerate(configs)]
     report("MLCD steps/s: zarr (local, S3) vs in-memory batches", rows,
-           notes=f"batch {args.batch}, {args.steps} timed steps after 3 warm-up steps, toy UNet, LoRA rank "
+           notes=f"batch {args.batch}, {args.steps} timed steps after 3 warm-up steps, median of {args.rounds} "
+                 f"interleaved rounds (spread = (max - min) / median), toy UNet, LoRA rank "
                  f"{cfg.lora.rank}; target ratio >= 0.95 with prefetching.")
 
 

@@ -537,3 +537,47 @@ def test_a_corrupt_training_checkpoint_is_refused_not_resumed(tmp_path, rel):
         run_pipeline(cfg, reporter=SilentReporter())
     assert art.uri in str(err.value) and f"{latest['dir']}/{rel}" in str(err.value)
     assert not art.exists()
+
+
+def test_sigterm_during_tlcm_distill_stops_the_ephemeral_prefect_server_and_the_rerun_resumes(tmp_path):
+    """`kill PID` on `tlcm distill` (no Prefect server configured: Prefect starts a temporary API server as a child
+    process) ends the command and that child with it -- nothing is orphaned -- and the rerun completes."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    store = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "flows.cli", "distill", "--config", "toy-fast", "--stages", TRAJ, "--json"]
+    for kv in (f"store.url={store}", f"teacher.source={tiny_teacher_dir()}", "trajectories.num_samples=512",
+               "trajectories.shard_size=64", "trajectories.batch_size=32"):
+        cmd += ["--set", kv]
+    root = Path(__file__).parent.parent
+    p = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    parent = psutil.Process(p.pid)
+    try:
+        children: list = []
+        deadline = time.time() + 180
+        while time.time() < deadline and p.poll() is None:  # wait: temporary server up, a shard committed
+            children = parent.children(recursive=True)
+            if children and any(f.is_file() for f in store.rglob("_markers/*")):
+                break
+            time.sleep(0.25)
+        assert p.poll() is None and children, "tlcm distill should be running, with its temporary Prefect server"
+        p.send_signal(signal.SIGTERM)
+        code = p.wait(timeout=60)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"left running after SIGTERM: {[c.cmdline() for c in alive]}"
+        assert code == 128 + signal.SIGTERM  # exited through SystemExit (cleanup ran), not killed by the signal
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    assert not any(store.rglob("manifest.json")), "the interrupted run must not have committed the stage"
+    done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result,) = json.loads(done.stdout)
+    assert result["stage"] == TRAJ and not result["cached"]
+    assert ArtifactStore(str(store)).artifact(TRAJ, result["fingerprint"]).manifest(verify="checksum").stage == TRAJ
