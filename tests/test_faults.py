@@ -576,6 +576,7 @@ def test_sigterm_during_tlcm_distill_stops_the_ephemeral_prefect_server_and_the_
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
     assert not any(store.rglob("manifest.json")), "the interrupted run must not have committed the stage"
+    assert any(f.is_file() for f in store.rglob("_markers/*")), "shards finished before the signal are kept"
     done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     (result,) = json.loads(done.stdout)
