@@ -22,9 +22,10 @@ VARIANTS = {  # name -> (stages before evaluate, overrides)
     "stage 1 only (MLCD, MSE)": (S1, []),
     "+ latent LPIPS": (["latent-lpips"] + S1, ["mlcd.distance=latent-lpips"]),
     "+ stage 2 (LCD)": (S2, []),
-    "+ reward": (S2 + ["finetune"], ["finetune.reward_weight=1"]),
-    "+ DMD": (S2 + ["finetune"], ["finetune.reward_weight=1", "finetune.dmd_weight=1"]),
-    "+ GAN": (S2 + ["finetune"], ["finetune.reward_weight=1", "finetune.dmd_weight=1", "finetune.gan_weight=0.1"]),
+    # stage 3's terms are added one by one with the config's weights (configs/toy.yaml's finetune section)
+    "+ reward": (S2 + ["finetune"], ["finetune.dmd_weight=0", "finetune.gan_weight=0"]),
+    "+ DMD": (S2 + ["finetune"], ["finetune.gan_weight=0"]),
+    "+ GAN": (S2 + ["finetune"], []),
 }
 KEYS = {"stage1": "stage 1 only (MLCD, MSE)", "lpips": "+ latent LPIPS", "stage2": "+ stage 2 (LCD)",
         "reward": "+ reward", "dmd": "+ DMD", "gan": "+ GAN"}

@@ -188,7 +188,8 @@ class FinetuneConfig(TrainerConfig):
     reward_scorer: Literal["toy", "open_clip", "mps"] = "toy"
     reward_model: str | None = None  # open_clip: "ARCH:path/to/weights"; mps: path to the published checkpoint
     allow_pickle: bool = False  # the MPS checkpoint is a pickled model: loading it runs code from the file
-    # distribution matching (DMD, Yin et al. 2024), TLCM eq. 12
+    # distribution matching (DMD, Yin et al. 2024), TLCM eq. 12; its loss is a mean over latent elements (as DMD2's),
+    # so the weight does not depend on the resolution
     dmd_weight: float = Field(0.0, ge=0)
     fake_score_lr: float = Field(1e-5, gt=0)
     fake_updates_per_step: int = Field(1, ge=1)

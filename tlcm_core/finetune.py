@@ -118,8 +118,10 @@ def dmd_gradient(model: Denoiser, unet, x0: torch.Tensor, t: torch.Tensor, noise
 
 
 def dmd_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """A loss whose gradient w.r.t. x0 is `grad` (per element, averaged over the batch)."""
-    return 0.5 * F.mse_loss(x0.float(), (x0 - grad).detach().float(), reduction="sum") / x0.shape[0]
+    """A loss whose gradient w.r.t. x0 is `grad / x0.numel()` (a mean over batch and latent elements, as DMD2's
+    reference code reduces it): `dmd_weight` then means the same at 32 px and at 1024 px, where a sum over the
+    65k latent elements of a 1024-px SDXL latent would outweigh every other term by the resolution alone."""
+    return 0.5 * F.mse_loss(x0.float(), (x0 - grad).detach().float(), reduction="mean")
 
 
 def fake_score_backward(model: Denoiser, unet, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
