@@ -1,8 +1,8 @@
 """The toy world's ablation in the shape of TLCM's Table 2: stage 1 only; + latent LPIPS; + stage 2; + reward;
-+ DMD; + GAN -- prompt accuracy and Frechet distance at 2 and 4 steps over >= 256 samples, plus the teacher's
++ DMD; + GAN -- prompt accuracy and Frechet distance at 2 and 4 steps over >= 1024 samples, plus the teacher's
 DDIM baseline and each stage's wall time. Variants share one store, so common prefixes are computed once.
 
-    python bench/toy_ablation.py [--config toy] [--samples 256] [--only stage1,stage2] [--set k=v ...]
+    python bench/toy_ablation.py [--config toy] [--samples 1024] [--only stage1,stage2] [--set k=v ...]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="toy")
     ap.add_argument("--store", default="./runs/ablation")
-    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--samples", type=int, default=1024, help="per row; >= 1024 for a Frechet distance that separates variants")
     ap.add_argument("--steps", default="2,4")
     ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(KEYS)}")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
