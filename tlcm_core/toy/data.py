@@ -170,16 +170,7 @@ def _render_toy(labels: torch.Tensor, g: torch.Generator, size: int) -> torch.Te
     cy = ext + (size - 2 * ext) * torch.rand(n, generator=g)
     base = torch.tensor([_TOY_RGB[c] for c in _TOY_RGB])[color_idx]  # [n, 3]
     color = (base + _u(g, n, -0.07, 0.07, 3)) * _u(g, n, 0.85, 1.05, 1)
-    bg_level = _u(g, n, 0.02, 0.22, 1)
-    bg_tint = _u(g, n, -0.06, 0.06, 3)
-    theta = _u(g, n, 0.0, 2 * math.pi)
-    amp = _u(g, n, 0.0, 0.08)
-    noise_std = _u(g, n, 0.0, 0.03)
-    noise = torch.randn(n, 3, size, size, generator=g) * noise_std.view(n, 1, 1, 1)
-
-    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size - 0.5
-    grad = torch.cos(theta).view(n, 1, 1) * coords.view(1, 1, -1) + torch.sin(theta).view(n, 1, 1) * coords.view(1, -1, 1)
-    bg = (bg_level + bg_tint).view(n, 3, 1, 1) + (amp.view(n, 1, 1) * grad).unsqueeze(1)
+    bg, noise = _background(g, n, size)
     mask = _shape_masks(shape_idx, cx, cy, r, size)
     img = bg * (1 - mask) + color.view(n, 3, 1, 1) * mask + noise
     return img.clamp_(0.0, 1.0)
@@ -188,39 +179,62 @@ def _render_toy(labels: torch.Tensor, g: torch.Generator, size: int) -> torch.Te
 _HARD_RGB = dict(_TOY_RGB, purple=(0.62, 0.20, 0.85))
 
 
-def _render_toy_hard(labels: torch.Tensor, g: torch.Generator, size: int) -> torch.Tensor:
-    """Two objects, each with its own colour and shape: one in the left half, one in the right half, each at
-    a random height and size, on the "toy" world's dark, tinted, noisy background.
-
-    Few-step samplers are hurt by what the prompt leaves open (each object's height and size) and by
-    binding (which colour goes with which shape on which side); a teacher with enough steps resolves both.
-    RNG draw order (frozen): per object (left, then right): r, cx, cy, colour jitter, brightness; then bg
-    level, bg tint, gradient direction, gradient amplitude, noise std, pixel noise.
-    """
-    n = labels.shape[0]
-    palette = torch.tensor(list(_HARD_RGB.values()))
-    half = size / 2
-    masks, colors = [], []
-    for side in range(2):
-        color_idx, shape_idx = labels[:, 2 * side], labels[:, 2 * side + 1]
-        r = _u(g, n, 3.6, 6.6)
-        ext = r * 1.06 + 0.5  # keeps the shape inside its half (the halves never overlap)
-        cx = side * half + ext + (half - 2 * ext) * torch.rand(n, generator=g)
-        cy = ext + (size - 2 * ext) * torch.rand(n, generator=g)
-        colors.append((palette[color_idx] + _u(g, n, -0.07, 0.07, 3)) * _u(g, n, 0.85, 1.05, 1))
-        masks.append(_shape_masks(shape_idx, cx, cy, r, size))
+def _background(g: torch.Generator, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "toy" world's dark, tinted, graded background [n, 3, H, W] and its pixel noise (added last).
+    RNG draw order: bg level, bg tint, gradient direction, gradient amplitude, noise std, pixel noise."""
     bg_level = _u(g, n, 0.02, 0.22, 1)
     bg_tint = _u(g, n, -0.06, 0.06, 3)
     theta = _u(g, n, 0.0, 2 * math.pi)
     amp = _u(g, n, 0.0, 0.08)
     noise_std = _u(g, n, 0.0, 0.03)
     noise = torch.randn(n, 3, size, size, generator=g) * noise_std.view(n, 1, 1, 1)
-
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size - 0.5
     grad = torch.cos(theta).view(n, 1, 1) * coords.view(1, 1, -1) + torch.sin(theta).view(n, 1, 1) * coords.view(1, -1, 1)
-    img = (bg_level + bg_tint).view(n, 3, 1, 1) + (amp.view(n, 1, 1) * grad).unsqueeze(1)
-    for mask, color in zip(masks, colors):
-        img = img * (1 - mask) + color.view(n, 3, 1, 1) * mask
+    return (bg_level + bg_tint).view(n, 3, 1, 1) + (amp.view(n, 1, 1) * grad).unsqueeze(1), noise
+
+
+def _two_object_layout(g: torch.Generator, n: int, size: int, tries: int = 16):
+    """Radii and centres of two objects anywhere in the frame, not overlapping and at least 4 px apart in x, sorted
+    left to right. ``tries`` candidate layouts are drawn per image (a fixed number: the draw order does not depend on
+    the outcome) and the first valid one is kept; if none is (0.7% of images), the objects go to the two halves (a
+    large object there may be cut by the frame edge by a pixel)."""
+    r = _u(g, n, 3.5, 7.5, 2)
+    ext = r * 1.06 + 0.5
+    cand = torch.rand(n, tries, 2, 2, generator=g)  # [n, try, object, (x, y)]
+    lo, span = ext.view(n, 1, 2, 1), (size - 2 * ext).view(n, 1, 2, 1)
+    c = lo + span * cand
+    dist = (c[:, :, 0] - c[:, :, 1]).norm(dim=-1)
+    ok = (dist >= ext.sum(1, keepdim=True)) & ((c[:, :, 0, 0] - c[:, :, 1, 0]).abs() >= 4.0)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    pick = c[torch.arange(n), first.clamp_min(0)]  # [n, 2, 2]
+    half = size / 2
+    fallback = torch.stack([torch.stack([ext[:, 0] + (half - 2 * ext[:, 0]).clamp_min(0) * cand[:, 0, 0, 0],
+                                         pick[:, 0, 1]], -1),
+                            torch.stack([half + ext[:, 1] + (half - 2 * ext[:, 1]).clamp_min(0) * cand[:, 0, 1, 0],
+                                         pick[:, 1, 1]], -1)], 1)
+    pick = torch.where((first < 0).view(n, 1, 1), fallback, pick)
+    swap = pick[:, 0, 0] > pick[:, 1, 0]  # object 0 is the left one
+    order = torch.stack([swap.long(), 1 - swap.long()], 1)
+    return r.gather(1, order), pick.gather(1, order.view(n, 2, 1).expand(n, 2, 2))
+
+
+def _render_toy_hard(labels: torch.Tensor, g: torch.Generator, size: int) -> torch.Tensor:
+    """Two objects with their own colour and shape, the first left of the second, anywhere in the frame (random
+    sizes, never overlapping), on the "toy" world's background.
+
+    What the prompt leaves open (where each object is and how big) is what few-step samplers get wrong; binding
+    (which colour and shape go with the left object) is what the teacher must learn.
+    RNG draw order (frozen): layout (radii, candidate centres), colour jitter and brightness (left, right),
+    background (see ``_background``).
+    """
+    n = labels.shape[0]
+    palette = torch.tensor(list(_HARD_RGB.values()))
+    r, c = _two_object_layout(g, n, size)
+    colors = [(palette[labels[:, 2 * k]] + _u(g, n, -0.07, 0.07, 3)) * _u(g, n, 0.85, 1.05, 1) for k in range(2)]
+    img, noise = _background(g, n, size)
+    for k in range(2):
+        mask = _shape_masks(labels[:, 2 * k + 1], c[:, k, 0], c[:, k, 1], r[:, k], size)
+        img = img * (1 - mask) + colors[k].view(n, 3, 1, 1) * mask
     return (img + noise).clamp_(0.0, 1.0)
 
 
