@@ -134,11 +134,9 @@ def cmd_artifacts(args) -> int:
 
 
 def cmd_toy_teacher(args) -> int:
-    from tlcm_core.toy.build_assets import WORLD_RECIPES
     from tlcm_core.toy.teacher import ToyTeacherSettings, train_toy_teacher
 
-    world = args.world or "toy"
-    settings = ToyTeacherSettings(**{**WORLD_RECIPES.get(world, {}).get("teacher", {}), "world": world})
+    settings = ToyTeacherSettings.for_world(args.world or "toy")
     if args.steps:
         settings = settings.model_copy(update={"unet_steps": args.steps})
     out = train_toy_teacher(settings, args.out, resume=True)

@@ -48,7 +48,7 @@ def train_and_publish(settings: dict[str, Any], out: str, work_dir: str | None =
     the `pipeline` folder to `{out}/pipeline`. Returns the pipeline's location."""
     from tlcm_core.toy.teacher import ToyTeacherSettings, train_toy_teacher
 
-    s = ToyTeacherSettings(**settings)
+    s = ToyTeacherSettings.for_world(**settings)  # the world's shipped recipe, then the given settings
     if not _is_remote(out):
         local = out[len("file://"):] if out.startswith("file://") else out
         return str(train_toy_teacher(s, local, progress=progress, resume=True))

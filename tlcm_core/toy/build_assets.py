@@ -18,13 +18,9 @@ from pathlib import Path
 import torch
 
 
-# What each world's shipped assets were built with (ToyTeacherSettings overrides, evaluator steps); --settings and
-# --evaluator-steps override these.
-WORLD_RECIPES: dict[str, dict] = {
-    "toy": {"teacher": {}, "evaluator_steps": 1500},
-    # 400 prompts and four attributes: more images (150 per prompt) and a longer UNet schedule (~1 CPU-hour in all)
-    "toy-hard": {"teacher": {"n_train": 60_000, "unet_steps": 4000}, "evaluator_steps": 2500},
-}
+# Evaluator training steps of each world's shipped evaluator (--evaluator-steps overrides); the teacher's settings
+# are ToyTeacherSettings.for_world (--settings overrides).
+EVALUATOR_STEPS: dict[str, int] = {"toy": 1500, "toy-hard": 2500}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--world", default="toy")
     ap.add_argument("--work-dir", required=True, help="teacher training folder (resumed if present)")
     ap.add_argument("--settings", default="{}", help="ToyTeacherSettings overrides as JSON")
-    ap.add_argument("--evaluator-steps", type=int, default=None, help="default: the world's recipe (WORLD_RECIPES)")
+    ap.add_argument("--evaluator-steps", type=int, default=None, help="default: EVALUATOR_STEPS of the world")
     ap.add_argument("--force-evaluator", action="store_true")
     ap.add_argument("--guidance-scale", type=float, default=7.0)
     ap.add_argument("--n", type=int, default=1024, help="samples per step count (>= 1024 for the Frechet distance)")
@@ -48,15 +44,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    recipe = WORLD_RECIPES.get(args.world, WORLD_RECIPES["toy"])
     dest = TOY_ASSETS / args.world
     dest.mkdir(parents=True, exist_ok=True)
     ev_path = dest / "evaluator.safetensors"
     if args.force_evaluator or not ev_path.exists():
-        train_evaluator(args.world, ev_path, steps=args.evaluator_steps or recipe["evaluator_steps"], seed=0)
+        train_evaluator(args.world, ev_path, steps=args.evaluator_steps or EVALUATOR_STEPS.get(args.world, 1500), seed=0)
     ev = ToyEvaluator.load(args.world)
 
-    settings = ToyTeacherSettings(**{**recipe["teacher"], "world": args.world, **json.loads(args.settings)})
+    settings = ToyTeacherSettings.for_world(args.world, **json.loads(args.settings))
     t0 = time.time()
     pipe_dir = train_toy_teacher(settings, args.work_dir)
     train_info = json.loads((Path(args.work_dir) / "DONE.json").read_text())

@@ -67,6 +67,16 @@ class ToyTeacherSettings(BaseModel):
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(25, ge=1)
 
+    @classmethod
+    def for_world(cls, world: str = "toy", **overrides) -> "ToyTeacherSettings":
+        """The settings the world's shipped teacher was trained with (``WORLD_TEACHER_SETTINGS``), then overrides."""
+        return cls(**{**WORLD_TEACHER_SETTINGS.get(world, {}), "world": world, **overrides})
+
+
+# What differs from the defaults for each world's shipped teacher. toy-hard has 400 prompts and four attributes:
+# more images (150 per prompt) and a longer UNet schedule (~1 CPU-hour in all).
+WORLD_TEACHER_SETTINGS: dict[str, dict] = {"toy": {}, "toy-hard": {"n_train": 60_000, "unet_steps": 4000}}
+
 
 # ----------------------------------------------------------------------------------- checkpoints
 
