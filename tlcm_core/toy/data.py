@@ -196,7 +196,7 @@ def _background(g: torch.Generator, n: int, size: int) -> tuple[torch.Tensor, to
 def _two_object_layout(g: torch.Generator, n: int, size: int, tries: int = 16):
     """Radii and centres of two objects anywhere in the frame, not overlapping and at least 4 px apart in x, sorted
     left to right. ``tries`` candidate layouts are drawn per image (a fixed number: the draw order does not depend on
-    the outcome) and the first valid one is kept; if none is (0.7% of images), the objects go to the two halves (a
+    the outcome) and the first valid one is kept; if none is (3% of images: two large objects), they go to the two halves (a
     large object there may be cut by the frame edge by a pixel)."""
     r = _u(g, n, 3.5, 7.5, 2)
     ext = r * 1.06 + 0.5
