@@ -376,3 +376,18 @@ def test_config_section_checks_its_source():
         load_config("toy-fast", ["latent_lpips.source=file"])
     with pytest.raises(ConfigError, match="bapps_url"):
         load_config("toy-fast", ["latent_lpips.source=bapps"])
+
+
+@pytest.mark.parametrize("world", ["toy", "toy-hard"])
+def test_toy_feature_distance_on_each_worlds_evaluator(world):
+    """The data-free labels' pixel metric reads the shipped evaluator's layers, whatever its pooling (toy-hard's
+    evaluator keeps its 4x4 map): 0 for identical images, larger for a different world image than a jittered one."""
+    from tlcm_core.lpips_stage import toy_feature_distance
+    from tlcm_core.toy import ToyEvaluator, get_world
+
+    d = toy_feature_distance(ToyEvaluator.load(world))
+    x, _ = get_world(world).sample(8, seed=1)
+    y, _ = get_world(world).sample(8, seed=2)
+    same, near, far = d(x, x), d(x, (x + 0.02).clamp(0, 1)), d(x, y)
+    assert same.shape == (8,) and torch.allclose(same, torch.zeros(8), atol=1e-6)
+    assert (near < far).all()

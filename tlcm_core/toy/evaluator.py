@@ -100,7 +100,10 @@ class ToyEvaluator(nn.Module):
             raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
         p = next(self.parameters())
         x = images.to(device=p.device, dtype=p.dtype) * 2 - 1
-        h = self.body(x)
+        return self.pooled_features(self.body(x))
+
+    def pooled_features(self, h: torch.Tensor) -> torch.Tensor:
+        """The feature layer on the body's last map [B, C, h, w] (mean-pooled, or its 4x4 layout kept)."""
         h = F.adaptive_avg_pool2d(h, 4).flatten(1) if self.pool == "flatten" else h.mean(dim=(2, 3))
         return self.feat(h)
 
