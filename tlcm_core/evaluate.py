@@ -150,10 +150,10 @@ class ToyMetrics:
     def update(self, images: torch.Tensor, prompts: list[str]) -> None:
         for i in range(0, len(images), 256):
             im, pr = images[i:i + 256], prompts[i:i + 256]
-            self._correct += int(self.evaluator.correct(im, pr).sum())
-            for a, v in self.evaluator.attribute_accuracy(im, pr).items():
-                if a != "all":
-                    self._attr[a] = self._attr.get(a, 0.0) + v * len(im)
+            hits = self.evaluator.hits(im, pr)
+            self._correct += int(self.evaluator.all_right(hits).sum())
+            for a, v in hits.items():
+                self._attr[a] = self._attr.get(a, 0) + int(v.sum())
             self._feats.append(self.evaluator.features(im))
             self._n += len(im)
 

@@ -124,24 +124,27 @@ class ToyEvaluator(nn.Module):
         p = next(self.parameters())
         return {k: lab[:, i].to(p.device) for i, k in enumerate(world.attributes)}
 
-    def correct(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """Bool [B]: every attribute predicted right."""
+    def hits(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Per attribute, bool [B]: predicted right (one evaluator pass for every count below)."""
         with torch.no_grad():
             lg = self.logits(images)
         lab = self.labels(prompts)
-        ok = torch.ones(images.shape[0], dtype=torch.bool, device=next(iter(lg.values())).device)
-        for k in self.attributes:
-            ok &= lg[k].argmax(dim=1) == lab[k]
-        return ok
+        return {k: lg[k].argmax(dim=1) == lab[k] for k in self.attributes}
+
+    @staticmethod
+    def all_right(hits: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Bool [B] from ``hits``: every attribute right (what prompt accuracy counts)."""
+        return torch.stack(list(hits.values())).all(dim=0)
+
+    def correct(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Bool [B]: every attribute predicted right."""
+        return self.all_right(self.hits(images, prompts))
 
     def attribute_accuracy(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
         """Per-attribute accuracy and ``"all"`` (every attribute right)."""
-        with torch.no_grad():
-            lg = self.logits(images)
-        lab = self.labels(prompts)
-        out = {k: float((lg[k].argmax(dim=1) == lab[k]).float().mean()) for k in self.attributes}
-        ok = torch.stack([lg[k].argmax(dim=1) == lab[k] for k in self.attributes]).all(dim=0)
-        out["all"] = float(ok.float().mean())
+        h = self.hits(images, prompts)
+        out = {k: float(v.float().mean()) for k, v in h.items()}
+        out["all"] = float(self.all_right(h).float().mean())
         return out
 
     def reward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
