@@ -24,14 +24,16 @@ def child(mode: str, tmp: str, source: str, steps: int, batch: int) -> dict:
     sys.path.insert(0, str(HERE))
     from common import peak_rss_mb
     from tlcm_core.config import load_config
-    from tlcm_core.consistency import mlcd_loss
+    from tlcm_core.stages.mlcd import mlcd_loss
     from tlcm_core.losses import mse
     from tlcm_core.lora import attach_lora, lora_parameters
     from tlcm_core.models import Denoiser, encode_prompts, load_pipeline, load_schedule, load_unet
     from tlcm_core.pipeline import open_store, plan
     from tlcm_core.prompts import load_prompts
-    from tlcm_core.train import Batch, PairBatches, make_optimizer
-    from tlcm_core.trajectories import compute_shard, schedule_of
+    from tlcm_core.pairs import Batch, PairBatches
+    from tlcm_core.training import make_optimizer
+    from tlcm_core.models import schedule_of
+    from tlcm_core.stages.teacher_trajectories import compute_shard
 
     cfg = load_config("toy", [f"teacher.source={source}", f"store.url={tmp}", "trajectories.num_samples=512",
                               "trajectories.shard_size=128", f"mlcd.batch_size={batch}", "compute.device=cpu"])

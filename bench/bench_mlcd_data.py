@@ -21,14 +21,15 @@ from _s3 import moto_s3
 from _toy import teacher_source
 from common import report
 from tlcm_core.config import load_config
-from tlcm_core.consistency import mlcd_loss
+from tlcm_core.stages.mlcd import mlcd_loss
 from tlcm_core.losses import mse
 from tlcm_core.lora import attach_lora, lora_parameters
 from tlcm_core.models import Denoiser, load_schedule, load_unet
 from tlcm_core.pipeline import open_store, plan, run_stage
 from tlcm_core.progress import SilentReporter
 from tlcm_core.store import ArtifactStore
-from tlcm_core.train import PairBatches, make_optimizer
+from tlcm_core.pairs import PairBatches
+from tlcm_core.training import make_optimizer
 
 
 def steps_per_s(cfg, batches, steps: int) -> float:

@@ -18,7 +18,7 @@ from tlcm_core.lora import attach_lora, merge_lora
 from tlcm_core.models import Denoiser, encode_prompts, latent_shape, load_pipeline
 from tlcm_core.samplers import ddim_sample, student_x0_fn, teacher_x0_fn, tlcm_sample
 from tlcm_core.schedule import ddim_timesteps, milestones, sampler_timesteps
-from tlcm_core.trajectories import schedule_of
+from tlcm_core.models import schedule_of
 
 
 def timed(fn, repeats: int) -> float:

@@ -20,7 +20,8 @@ from tlcm_core.pipeline import open_store, plan, run_stage
 from tlcm_core.progress import SilentReporter
 from tlcm_core.prompts import load_prompts
 from tlcm_core.schedule import milestones, segment_index
-from tlcm_core.trajectories import plan_samples, schedule_of
+from tlcm_core.models import schedule_of
+from tlcm_core.stages.teacher_trajectories import plan_samples
 
 
 def bare_loop(cfg, pipe) -> tuple[float, int]:

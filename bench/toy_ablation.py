@@ -42,7 +42,8 @@ def main():
     ap.add_argument("--title", default="Toy-world ablation (TLCM Table 2 shape)")
     args = ap.parse_args()
     from tlcm_core.config import load_config
-    from tlcm_core.pipeline import SPECS, run_pipeline
+    from tlcm_core.pipeline import run_pipeline
+    from tlcm_core.stages import REGISTRY as SPECS
     from tlcm_core.progress import Reporter
 
     steps = [int(s) for s in args.steps.split(",")]

@@ -26,7 +26,8 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
 from tlcm_core.config import validate_config
-from tlcm_core.pipeline import SHARDED, num_shards, open_store, plan
+from tlcm_core.pipeline import num_shards, open_store, plan_run
+from tlcm_core.stages import REGISTRY
 from tlcm_core.store import CorruptArtifactError, IncompleteArtifactError
 
 if TYPE_CHECKING:
@@ -125,8 +126,8 @@ def run_stages_as_deployments(resolved: dict, stages: list[str], forced: set[str
     flow_run} per stage (`flow_run`: the deployment runs' ids, empty for a cache hit found here)."""
     logger = get_run_logger()
     cfg = validate_config(dict(resolved), source="flow parameter")
-    p, store = plan(cfg), open_store(cfg)
-    store.check_access(write=False)  # this process reads the manifests: fail now, not after the first stage
+    # this process only reads manifests: the same checks as every entry point, with read access
+    p, store = plan_run(cfg, stages, access="read").plan, open_store(cfg)
     d = StageDispatcher(resolved, flow_name=flow_name, poll_s=poll_s, timeout=timeout, log=logger.info)
     results = []
     for s in stages:
@@ -143,7 +144,7 @@ def run_stages_as_deployments(resolved: dict, stages: list[str], forced: set[str
                             "summary": m.summary, "flow_run": []})
             continue
         runs: list[FlowRun] = []
-        if s in SHARDED and cfg.shard_runs > 1 and num_shards(cfg, s) > 1:
+        if REGISTRY[s].sharded and cfg.shard_runs > 1 and num_shards(cfg, s) > 1:
             if force and art.exists():
                 art.discard()  # here, once: a forced shard run would discard its siblings' work
                 logger.info(f"{s}: force: discarded {art.uri}")

@@ -203,6 +203,28 @@ def _wait_gone(procs: list, timeout: float) -> list:
 # ---------------------------------------------------------------------------------------------------- commands
 
 
+def _start_s3(state: StackState, args, host: str, env: dict, shell_env: dict, services: list[dict]) -> str:
+    """A local S3 endpoint (moto's server) with local credentials unless the caller has some; returns its URL."""
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        raise StackError("--s3 needs moto's server: pip install 'moto[server]'") from None
+    s3_port = args.s3_port or _free_port(host)
+    if _port_in_use(host, s3_port):
+        raise StackError(f"port {s3_port} on {host} is in use; pass --s3-port (0 picks a free one)")
+    endpoint = f"http://{host}:{s3_port}"
+    creds = {}
+    if not (env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")):
+        # moto accepts any credentials: invent local ones (written to STATE/env, never printed)
+        creds = {"AWS_ACCESS_KEY_ID": "tlcm-local", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16)}
+    s3_env = {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_EC2_METADATA_DISABLED": "true", **creds}
+    env.update(s3_env)
+    shell_env.update(s3_env)
+    services.append(_start(state, "s3", [sys.executable, "-m", "moto.server", "-H", host, "-p", str(s3_port)], env,
+                           url=endpoint))
+    return endpoint
+
+
 def up(args) -> int:
     state = StackState(args.state_dir)
     state.dir.mkdir(parents=True, exist_ok=True)
@@ -231,31 +253,14 @@ def up(args) -> int:
 
     try:
         if args.s3:
-            try:
-                import moto.server  # noqa: F401
-            except ImportError:
-                raise StackError("--s3 needs moto's server: pip install 'moto[server]'") from None
-            s3_port = args.s3_port or _free_port(host)
-            if _port_in_use(host, s3_port):
-                raise StackError(f"port {s3_port} on {host} is in use; pass --s3-port (0 picks a free one)")
-            endpoint = f"http://{host}:{s3_port}"
-            creds = {}
-            if not (env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")):
-                # moto accepts any credentials: invent local ones (written to STATE/env, never printed)
-                creds = {"AWS_ACCESS_KEY_ID": "tlcm-local", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16)}
-            s3_env = {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_EC2_METADATA_DISABLED": "true", **creds}
-            env.update(s3_env)
-            shell_env.update(s3_env)
-            s3 = _start(state, "s3", [sys.executable, "-m", "moto.server", "-H", host, "-p", str(s3_port)], env,
-                        url=endpoint)
-            services.append(s3)
+            endpoint = _start_s3(state, args, host, env, shell_env, services)
             save()
         server = _start(state, "server", [_bin("prefect"), "server", "start", "--host", host, "--port", str(port)],
                         env, url=f"http://{host}:{port}")
         services.append(server)
         save()
         if args.s3:
-            _wait_until(lambda: _http_ok(f"{endpoint}/moto-api/"), s3, "S3 endpoint", args.timeout)
+            _wait_until(lambda: _http_ok(f"{endpoint}/moto-api/"), services[0], "S3 endpoint", args.timeout)
             _make_bucket(args.bucket, env)
             record["bucket"] = f"s3://{args.bucket}"
         _wait_until(lambda: _http_ok(f"{api_url}/health"), server, "Prefect API", args.timeout)

@@ -9,31 +9,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
 from tasks.stages import PrefectReporter, stage_task
-from tlcm_core.config import STAGES, PipelineConfig, apply_overrides, load_config, validate_config
-from tlcm_core.pipeline import implemented_stages, plan, preflight
-
-
-def resolve_config(config: str | dict[str, Any], store: str | None = None,
-                   overrides: list[str] | None = None, dispatch: str | None = None) -> PipelineConfig:
-    """A preset name, a YAML path, or an already-resolved config dict; then `store`, `--set` overrides and
-    `dispatch` (later ones win)."""
-    extra = list(overrides or []) + ([f"store.url={store}"] if store else []) + \
-        ([f"dispatch={dispatch}"] if dispatch else [])
-    if isinstance(config, dict):
-        return validate_config(apply_overrides(config, extra), source="flow parameter")
-    return load_config(config, extra)
-
-
-def check_stage_names(p, names: list[str]) -> None:
-    """Every requested stage must be planned: a stage deployment never completes having done nothing."""
-    for s in names:
-        if s not in STAGES:
-            raise ValueError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
-        if s not in implemented_stages():
-            raise ValueError(f"stage {s!r} is not implemented yet; implemented: {', '.join(implemented_stages())}")
-        if s not in p.stages:
-            raise ValueError(f"stage {s!r} is not part of this config's pipeline ({', '.join(p.stages)}); add it to "
-                             "the config's `stages`")
+from tlcm_core.config import resolve_config
+from tlcm_core.pipeline import plan_run
 
 
 def publish_summary(name: str, results: list[dict], ran_here: bool) -> None:
@@ -68,15 +45,11 @@ def tlcm(config: str | dict[str, Any] = "toy", store: str | None = None, stages:
     """
     logger = get_run_logger()
     cfg = resolve_config(config, store, overrides, dispatch)
-    p = plan(cfg)  # validates stage names and computes every fingerprint before any work
-    check_stage_names(p, list(stages or []) + list(force or []))
-    todo = [s for s in p.stages if s in (stages or cfg.stages)]
-    preflight(cfg, todo)  # what later stages need (reward model, captions), before the first stage starts
+    # stage names, fingerprints, what later stages need, store access: all before the first stage starts
+    run = plan_run(cfg, stages, force, access="read" if cfg.dispatch == "deployments" and shards is None else "write")
+    todo, forced = run.todo, run.forced
     if shards is not None and len(todo) != 1:
         raise ValueError(f"shards={shards} needs exactly one (sharded) stage, got {todo}")
-    forced: set[str] = set()
-    for f in force or []:
-        forced.update(p.dependents(f))
     resolved = cfg.model_dump(mode="json")
     if cfg.dispatch == "deployments" and shards is None:
         from flows.dispatch import run_stages_as_deployments

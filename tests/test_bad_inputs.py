@@ -32,7 +32,7 @@ def no_expensive_work(monkeypatch):
     import diffusers
 
     import tlcm_core.consistency as consistency
-    import tlcm_core.evaluate as evaluate
+    import tlcm_core.stages.evaluate as evaluate
     import tlcm_core.models as models
 
     def expensive(*a, **k):

@@ -9,7 +9,7 @@ from PIL import Image
 from tiny_lora import PROMPTS, fresh_pipe, pipeline_latents, reference_latents, teacher, trained_lora
 
 from tlcm_core.config import LoRAConfig
-from tlcm_core.export import base_configs, export_files, write_files
+from tlcm_core.lora_files import base_configs, export_files, write_files
 from tlcm_core.scheduler import TLCMScheduler
 
 EXACT = dict(rtol=0.0, atol=0.0)

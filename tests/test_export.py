@@ -16,7 +16,7 @@ from safetensors import safe_open
 from tiny_lora import LORA, PROMPTS, fresh_pipe, pipeline_latents, reference_latents, teacher, trained_lora
 
 from tlcm_core.config import OFFICIAL_TARGET_MODULES, LoRAConfig
-from tlcm_core.export import ExportError, base_configs, export_files, lora_modules, sgm_module_path, write_files
+from tlcm_core.lora_files import ExportError, base_configs, export_files, lora_modules, sgm_module_path, write_files
 from tlcm_core.lora import load_lora_into
 from tlcm_core.models import Denoiser, encode_prompts
 from tlcm_core.samplers import student_x0_fn, tlcm_sample
@@ -196,7 +196,8 @@ def test_model_card(exported):
 def test_export_stage_and_cli(tmp_path):
     from flows.cli import main
     from tlcm_core.config import load_config
-    from tlcm_core.export import run_export
+    from tlcm_core.pipeline import execute
+    from tlcm_core.stages import REGISTRY
     from tlcm_core.progress import SilentReporter
     from tlcm_core.store import ArtifactStore
 
@@ -208,7 +209,7 @@ def test_export_stage_and_cli(tmp_path):
     cfg = load_config("toy-fast", [f"teacher.source={teacher().source}", "lora.rank=4", "lora.alpha=8",
                                    "export.formats=[diffusers,kohya,peft]"])
     out = store.artifact("export", "e" * 16)
-    summary = run_export(cfg, lora_art, out, SilentReporter())
+    summary = execute(REGISTRY["export"], cfg, {"lora": lora_art}, out, SilentReporter())
     assert set(summary["files"]) >= {"diffusers/pytorch_lora_weights.safetensors", "kohya/tlcm_lora.safetensors",
                                      "peft/adapter_model.safetensors", "peft/adapter_config.json",
                                      "scheduler/scheduler_config.json", "README.md"}

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from tlcm_core.config import LoRAConfig, TeacherConfig, load_config
-from tlcm_core.finetune import (FAKE, DiscriminatorHeads, discriminate, dmd_gradient, dmd_loss, fake_score_backward,
+from tlcm_core.stages.finetune import (FAKE, DiscriminatorHeads, discriminate, dmd_gradient, dmd_loss, fake_score_backward,
                                 gan_discriminator_loss, gan_generator_loss, unet_encoder)
 from tlcm_core.lora import ADAPTER, attach_lora
 from tlcm_core.models import Denoiser, encode_prompts, load_pipeline
 from tlcm_core.pipeline import open_store, run_pipeline
 from tlcm_core.progress import SilentReporter
 from tlcm_core.rewards import negative_prompts, reward_hinge
-from tlcm_core.trajectories import schedule_of
+from tlcm_core.models import schedule_of
 
 
 @pytest.fixture(scope="module")

@@ -253,7 +253,7 @@ def _fake_trajectories(store, n: int = 96, seed: int = 0):
 
 
 def test_x0_recovered_from_cached_pair(local_store):
-    from tlcm_core.lpips_stage import read_anchors
+    from tlcm_core.lpips_training import read_anchors
 
     art, sch, x0 = _fake_trajectories(local_store)
     anchors, info = read_anchors(art, sch)
@@ -263,7 +263,7 @@ def test_x0_recovered_from_cached_pair(local_store):
 
 def test_datafree_training_runs_and_reports_correlation(local_store, tiny_teacher, pixel_lpips):
     from tlcm_core.config import TeacherConfig
-    from tlcm_core.lpips_stage import PAIR_KINDS, load_vae, train_latent_lpips_datafree, vae_decoder
+    from tlcm_core.lpips_training import PAIR_KINDS, load_vae, train_latent_lpips_datafree, vae_decoder
 
     art, sch, _ = _fake_trajectories(local_store)
     vae = load_vae(TeacherConfig(source=tiny_teacher), torch.device("cpu"))
@@ -313,7 +313,7 @@ def _write_bapps(root, split: str, n: int, seed: int, size: int = 32) -> None:
 
 
 def test_bapps_reader(tmp_path):
-    from tlcm_core.lpips_stage import read_bapps
+    from tlcm_core.lpips_training import read_bapps
 
     _write_bapps(tmp_path, "train", 6, seed=0)
     data = read_bapps(str(tmp_path), "train")
@@ -333,7 +333,9 @@ def test_bapps_stage_trains_2afc_and_resolves(tmp_path, tiny_teacher, local_stor
     """The latent-lpips stage on synthetic BAPPS: 2AFC agreement on val beats chance, the artifact's weights come
     back through resolve_latent_lpips as the trainer's distance; source=file re-checks a file and reports 2AFC."""
     from tlcm_core.config import load_config
-    from tlcm_core.lpips_stage import resolve_latent_lpips, run_latent_lpips
+    from tlcm_core.lpips_training import resolve_latent_lpips
+    from tlcm_core.pipeline import execute
+    from tlcm_core.stages import REGISTRY
     from tlcm_core.progress import SilentReporter
 
     root = tmp_path / "bapps"
@@ -344,7 +346,7 @@ def test_bapps_stage_trains_2afc_and_resolves(tmp_path, tiny_teacher, local_stor
                                    f"latent_lpips.width={SMALL}", "latent_lpips.steps=40", "latent_lpips.lr=1e-3",
                                    "latent_lpips.batch_size=8", "compute.device=cpu"])
     art = local_store.artifact("latent-lpips", "00000000000000aa")
-    summary = run_latent_lpips(cfg, {}, art, SilentReporter())
+    summary = execute(REGISTRY["latent-lpips"], cfg, {}, art, SilentReporter())
     metrics = art.read_json("metrics.json")
     assert metrics["val_from"] == "val" and metrics["triplets"] == {"train": 48, "val": 24}
     assert summary["val"]["2afc"] == metrics["val"]["2afc"] > 0.6, metrics
@@ -363,7 +365,7 @@ def test_bapps_stage_trains_2afc_and_resolves(tmp_path, tiny_teacher, local_stor
                                         f"latent_lpips.weights={weights}", f"latent_lpips.bapps_url={root}",
                                         "compute.device=cpu"])
     art2 = local_store.artifact("latent-lpips", "00000000000000bb")
-    run_latent_lpips(cfg_file, {}, art2, SilentReporter())
+    execute(REGISTRY["latent-lpips"], cfg_file, {}, art2, SilentReporter())
     assert art2.read_json("metrics.json")["val"]["2afc"] == metrics["val"]["2afc"]
     assert isinstance(resolve_latent_lpips(cfg_file, local_store, None), LatentLPIPS)
 
@@ -382,7 +384,7 @@ def test_config_section_checks_its_source():
 def test_toy_feature_distance_on_each_worlds_evaluator(world):
     """The data-free labels' pixel metric reads the shipped evaluator's layers, whatever its pooling (toy-hard's
     evaluator keeps its 4x4 map): 0 for identical images, larger for a different world image than a jittered one."""
-    from tlcm_core.lpips_stage import toy_feature_distance
+    from tlcm_core.lpips_training import toy_feature_distance
     from tlcm_core.toy import ToyEvaluator, get_world
 
     d = toy_feature_distance(ToyEvaluator.load(world))

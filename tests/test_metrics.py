@@ -236,7 +236,7 @@ def test_evaluate_writes_a_table1_row(tiny, tmp_path, monkeypatch):
 
     import tlcm_core.metrics as metrics_mod
     from tlcm_core.config import load_config
-    from tlcm_core.evaluate import evaluate_rows, markdown_table
+    from tlcm_core.evaluation import evaluate_rows, markdown_table
     from tlcm_core.progress import SilentReporter
 
     (tmp_path / "captions.txt").write_text("\n".join(PROMPTS) + "\n")

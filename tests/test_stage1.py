@@ -12,7 +12,7 @@ from tlcm_core.models import Denoiser, encode_prompts, load_pipeline
 from tlcm_core.pipeline import open_store, plan, run_pipeline
 from tlcm_core.progress import SilentReporter
 from tlcm_core.schedule import NoiseSchedule, ddim, mds_plan, milestones
-from tlcm_core.trajectories import plan_samples
+from tlcm_core.stages.teacher_trajectories import plan_samples
 
 
 @pytest.fixture(scope="session")

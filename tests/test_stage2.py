@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 from tlcm_core.config import load_config
-from tlcm_core.lcd import plan_lcd_samples, student_clean_latents, teacher_solver
+from tlcm_core.samplers import student_clean_latents, teacher_solver
+from tlcm_core.stages.lcd_trajectories import plan_lcd_samples
 from tlcm_core.models import Conditioning, Denoiser
 from tlcm_core.pipeline import open_store, run_pipeline
 from tlcm_core.progress import SilentReporter

@@ -13,10 +13,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import UserError
+
 # Presets live in the repository's configs/ (the project is installed editable, also in the worker image).
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-# The stages in dependency order (DESIGN.md, "The stages").
+# The stages in dependency order (docs/artifacts.md; each declared in tlcm_core/stages/<name>.py).
 STAGES = (
     "teacher-trajectories",
     "latent-lpips",
@@ -28,19 +30,29 @@ STAGES = (
     "export",
 )
 
-# The official TLCM LoRA target modules (PAPER-NOTES.md, stage 1 settings).
+# The official TLCM LoRA target modules (docs/method.md, stage 1 settings).
 OFFICIAL_TARGET_MODULES = [
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names the field, the value and what is allowed."""
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def toy_world(source: str) -> str | None:
+    """The toy world a teacher or prompt source names ("toy" or "toy:<world>"), else None. A folder whose name
+    merely starts with "toy" (say `toy-teacher/pipeline`) is a path, not the shipped toy teacher."""
+    if source == "toy":
+        return "toy"
+    if source.startswith("toy:") and source[4:]:
+        return source[4:]
+    return None
 
 
 class TeacherConfig(Section):
@@ -57,6 +69,11 @@ class TeacherConfig(Section):
         if not v.strip():
             raise ValueError("teacher.source must be 'toy', a hub id or a local path")
         return v
+
+    @property
+    def toy_world(self) -> str | None:
+        """The shipped toy world this teacher is (None for any other teacher)."""
+        return toy_world(self.source)
 
 
 class ScheduleConfig(Section):
@@ -136,6 +153,8 @@ class TrajectoriesConfig(Section):
 
 
 class TrainerConfig(Section):
+    """What the one training loop (tlcm_core/training.py) reads, for every training stage."""
+
     iterations: int = Field(1000, ge=1)
     lr: float = Field(1e-4, gt=0, le=1.0)
     batch_size: int = Field(32, ge=1)
@@ -144,14 +163,19 @@ class TrainerConfig(Section):
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = Field(1.0, gt=0)
     warmup: int = Field(0, ge=0)
-    distance: Literal["mse", "huber", "latent-lpips"] = "mse"
-    huber_c: float = Field(0.001, gt=0)
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(20, ge=1)
+
+
+class ConsistencyConfig(TrainerConfig):
+    """A trainer on cached pairs (MLCD, LCD): the loop's settings plus the distance and the pair reader's."""
+
+    distance: Literal["mse", "huber", "latent-lpips"] = "mse"
+    huber_c: float = Field(0.001, gt=0)
     prefetch: int = Field(4, ge=0, description="batches read ahead from the trajectory store")
 
 
-class MLCDConfig(TrainerConfig):
+class MLCDConfig(ConsistencyConfig):
     pass
 
 
@@ -170,7 +194,7 @@ class LCDTrajectoriesConfig(Section):
         return self
 
 
-class LCDConfig(TrainerConfig):
+class LCDConfig(ConsistencyConfig):
     iterations: int = 2000
     lr: float = 1e-5
 
@@ -262,7 +286,7 @@ class ExportConfig(Section):
 
 
 class LatentLPIPSConfig(Section):
-    """Latent LPIPS (VGG-16 on latents; DESIGN.md): the distance `distance: latent-lpips` uses, and how the
+    """Latent LPIPS (VGG-16 on latents; docs/method.md): the distance `distance: latent-lpips` uses, and how the
     `latent-lpips` stage makes its weights."""
 
     # file: `weights` (the published latent-lpips.pth or a latent_lpips.safetensors; path or fsspec URL);
@@ -325,6 +349,15 @@ class PipelineConfig(Section):
                              f"schedule.segments={self.schedule.segments} steps (one per milestone)")
         return self
 
+    @model_validator(mode="after")
+    def _finetune_has_a_loss(self) -> PipelineConfig:
+        f = self.finetune
+        if "finetune" in self.stages and not (f.reward_weight or f.dmd_weight or f.gan_weight):
+            raise ValueError("stage 'finetune' has nothing to train: finetune.reward_weight, finetune.dmd_weight and "
+                             "finetune.gan_weight are all 0; set at least one of them above 0 (e.g. --set "
+                             "finetune.dmd_weight=1) or remove finetune from stages")
+        return self
+
     @field_validator("stages")
     @classmethod
     def _known_stages(cls, v: list[str]) -> list[str]:
@@ -350,8 +383,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    except yaml.YAMLError as e:  # one line: where, what the parser expected
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = "; ".join(str(p) for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p) or str(e)
+        raise ConfigError(f"{path}: malformed YAML{where}: {what}; fix the file's syntax") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -420,6 +456,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key (value {e.get('input')!r}); check the spelling against configs/")
+        elif e["type"] == "value_error":  # our validators' messages name the field, the value and the fix
+            msg = str(e["ctx"]["error"]) if "error" in e.get("ctx", {}) else e["msg"]
+            lines.append(f"  {msg}" if msg.startswith(loc.split(".")[0]) or not e["loc"] else f"  {loc}: {msg}")
         else:
             lines.append(f"  {loc} = {e.get('input')!r}: {e['msg']}")
     return "\n".join(lines)
@@ -442,3 +481,14 @@ def load_config(name_or_path: str = "toy", overrides: list[str] | None = None) -
 
 def dump_config(cfg: PipelineConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def resolve_config(config: str | dict[str, Any], store: str | None = None,
+                   overrides: list[str] | None = None, dispatch: str | None = None) -> PipelineConfig:
+    """A preset name, a YAML path, or an already-resolved config dict; then `store`, `--set` overrides and
+    `dispatch` (later ones win). Used by the CLI (without Prefect) and by the `tlcm` flow."""
+    extra = list(overrides or []) + ([f"store.url={store}"] if store else []) + \
+        ([f"dispatch={dispatch}"] if dispatch else [])
+    if isinstance(config, dict):
+        return validate_config(apply_overrides(config, extra), source="flow parameter")
+    return load_config(config, extra)

@@ -1,9 +1,10 @@
 """Data-parallel training stages under `accelerate launch` (one process per GPU; gloo on a CPU).
 
-The parent (the stage's own process) writes the resolved config to a temp file and launches
-`python -m tlcm_core.distributed` in `compute.num_processes` processes; each process builds the same student
-from the same artifacts, rank 0 writes checkpoints, the LoRA and the training log, and leaves its summary as a
-marker that the parent returns. The parent commits, as for any stage.
+Launched at the stage boundary (tlcm_core.pipeline.execute) for any stage declared `trains=True`: the parent
+writes the resolved config to a temp file and starts `python -m tlcm_core.distributed` in compute.num_processes
+processes. Each process runs the stage's own `run` with an accelerator in its context (tlcm_core/training.py
+averages gradients across them); rank 0 writes checkpoints, the LoRA and the log, and leaves its summary as a
+marker that the parent returns. The parent commits, as for any stage. No stage code is entered twice.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ import sys
 import tempfile
 
 from .config import PipelineConfig, validate_config
+from .errors import UserError
+
+
+class DistributedTrainingError(UserError, RuntimeError):
+    """The data-parallel processes failed; their log is above and the checkpoints are kept."""
 
 
 def _free_port() -> int:
@@ -33,52 +39,49 @@ def launch_command(n: int, port: int) -> list[str]:
             "--main_process_port", str(port), "-m", "tlcm_core.distributed"]
 
 
-def launch_training(cfg: PipelineConfig, *, name: str, pairs_art, out_art, loss: str,
-                    init_lora_uri: str | None = None, lpips_uri: str | None = None) -> dict:
+def launch(cfg: PipelineConfig, stage: str, inputs: dict, out) -> dict:
+    """Run training stage `stage` in compute.num_processes processes and return rank 0's summary."""
+    n = cfg.compute.num_processes
     with tempfile.TemporaryDirectory(prefix="tlcm-launch-") as tmp:
         path = os.path.join(tmp, "config.json")
         with open(path, "w") as f:
             json.dump(cfg.model_dump(mode="json"), f)
-        cmd = launch_command(cfg.compute.num_processes, _free_port()) + [
-            "--config", path, "--stage", name, "--loss", loss, "--pairs", pairs_art.uri, "--out", out_art.uri]
-        if init_lora_uri:
-            cmd += ["--init-lora", init_lora_uri]
-        if lpips_uri:
-            cmd += ["--lpips", lpips_uri]
+        cmd = launch_command(n, _free_port()) + ["--config", path, "--stage", stage, "--out", out.uri]
+        for key, art in inputs.items():
+            cmd += ["--input", f"{key}={art.uri}"]
         r = subprocess.run(cmd, env={**os.environ, "TLCM_DISTRIBUTED_CHILD": "1"})
         if r.returncode != 0:
-            raise RuntimeError(f"{name}: distributed training ({cfg.compute.num_processes} processes) failed with "
-                               f"exit code {r.returncode}; see the log above. Checkpoints in {out_art.uri} are kept: "
-                               "a rerun resumes from the latest.")
-    return out_art.read_json(f"_markers/{name}-train.json")["info"]
+            raise DistributedTrainingError(
+                f"{stage}: data-parallel training ({n} processes) failed with exit code {r.returncode}; see the log "
+                f"above. Checkpoints in {out.uri} are kept: a rerun resumes from the latest.")
+    return out.read_json(f"_markers/{stage}-train.json")["info"]
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import Accelerator
 
-    from .consistency import train_consistency_stage
     from .progress import Reporter
+    from .stage import StageContext, config_view
+    from .stages import REGISTRY
     from .store import ArtifactStore
 
     ap = argparse.ArgumentParser()
-    for a in ("--config", "--stage", "--loss", "--pairs", "--out"):
+    for a in ("--config", "--stage", "--out"):
         ap.add_argument(a, required=True)
-    ap.add_argument("--init-lora", default=None)
-    ap.add_argument("--lpips", default=None)
+    ap.add_argument("--input", action="append", default=[], help="NAME=URI of an input artifact (repeatable)")
     args = ap.parse_args(argv)
     with open(args.config) as f:
         cfg = validate_config(json.load(f), source=args.config)
     store = ArtifactStore(cfg.store.url, cfg.store.storage_options or None)
+    inputs = {k: store.open_uri(v) for k, v in (item.split("=", 1) for item in args.input)}
+    out = store.open_uri(args.out)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    tcfg = getattr(cfg, args.stage.replace("-", "_"))
-    summary = train_consistency_stage(cfg, tcfg, name=args.stage, pairs_art=store.open_uri(args.pairs),
-                                      out_art=store.open_uri(args.out), loss=args.loss,
-                                      reporter=Reporter(bars=acc.is_main_process), init_lora_uri=args.init_lora,
-                                      lpips_uri=args.lpips, accelerator=acc)
+    stage = REGISTRY[args.stage]
+    summary = stage.run(StageContext(config_view(stage, cfg), inputs, out, Reporter(bars=acc.is_main_process),
+                                     accelerator=acc))
     if acc.is_main_process:
-        summary["num_processes"] = acc.num_processes
-        store.open_uri(args.out).mark_done(f"{args.stage}-train", summary)
+        out.mark_done(f"{args.stage}-train", {**summary, "num_processes": acc.num_processes})
     acc.wait_for_everyone()
     acc.end_training()
     if torch.distributed.is_initialized():

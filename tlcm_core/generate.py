@@ -8,70 +8,10 @@ with the same noise the pipeline reproduces `tlcm_core.samplers.tlcm_sample` exa
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-
 import torch
 
 from .config import LoRAConfig, TeacherConfig
-from .lora import LoRAError, check_lora, load_lora_into, merge_lora
-
-
-@dataclass
-class LoRAFile:
-    """A TLCM LoRA read from disk/object storage, with what its metadata and surroundings say."""
-
-    state: dict[str, torch.Tensor]
-    metadata: dict[str, str]
-    url: str
-    config: LoRAConfig
-    base: dict  # teacher_identity of the base model it was trained on
-    segments: int | None = None  # from the stage manifest or an exported scheduler config, when next to the file
-    sampler: str | None = None
-
-
-def _read(url: str) -> bytes | None:
-    import fsspec
-
-    try:
-        with fsspec.open(url, "rb") as f:
-            return f.read()
-    except (FileNotFoundError, IsADirectoryError):
-        return None
-
-
-def read_lora(ref: str) -> LoRAFile:
-    """A TLCM LoRA from a .safetensors path/URL, a training-stage artifact (lora.safetensors) or an export folder
-    (diffusers/pytorch_lora_weights.safetensors)."""
-    from safetensors.torch import load
-
-    root = ref.rstrip("/")
-    candidates = [ref] if ref.endswith(".safetensors") else [f"{root}/lora.safetensors",
-                                                              f"{root}/diffusers/pytorch_lora_weights.safetensors"]
-    for url in candidates:
-        raw = _read(url)
-        if raw is not None:
-            break
-    else:
-        raise LoRAError(f"no TLCM LoRA at {ref} (looked for {', '.join(candidates)})")
-    try:
-        state = load(raw)
-        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
-    except Exception as e:
-        raise LoRAError(f"{url} is not a readable safetensors file ({e})") from None
-    metadata = dict(header.get("__metadata__") or {})
-    config = check_lora(state, metadata, where=url)
-    base = json.loads(metadata.get("base_model", "{}"))
-    segments = sampler = None
-    if not ref.endswith(".safetensors"):
-        manifest = _read(f"{root}/manifest.json")
-        sched = _read(f"{root}/scheduler/scheduler_config.json")
-        if sched is not None:
-            sc = json.loads(sched)
-            segments, sampler = sc.get("segments"), sc.get("sampler")
-        elif manifest is not None:
-            segments = json.loads(manifest).get("config", {}).get("schedule", {}).get("segments")
-    return LoRAFile(state, metadata, url, config, base, segments, sampler)
+from .lora import LoRAError, LoRAFile, load_lora_into, merge_lora, read_lora
 
 
 def base_teacher(lora: LoRAFile, base: str | None = None, resolution: int | None = None) -> TeacherConfig:

@@ -27,6 +27,7 @@ import uuid
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from .errors import UserError
 from .store import env_seconds
 
 LEASE_FILE = "_lease.json"
@@ -36,11 +37,11 @@ _HELD: set[str] = set()
 _HELD_LOCK = threading.Lock()
 
 
-class LeaseTimeout(TimeoutError):
+class LeaseTimeout(UserError, TimeoutError):
     pass
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(UserError, RuntimeError):
     """Another worker took the lease over while this one computed (its heartbeats did not land for `ttl_s`)."""
 
 
@@ -201,6 +202,42 @@ def _remove(art) -> None:
         pass
 
 
+def _acquire(art, owner: str, me: dict, *, ttl_s: float, settle_s: float, poll_s: float, wait_timeout_s: float,
+             done: Callable[[], bool] | None, log: Callable[[str], None]) -> bool:
+    """Wait until this process holds the lease (True) or `done()` (False); stale leases are taken over."""
+    deadline = _now() + wait_timeout_s
+    announced = False
+    while True:
+        if done is not None and done():
+            return False
+        cur = read_lease(art)
+        if cur is not None and cur.get("owner") != owner:
+            why = stale_reason(cur, me)
+            if why is not None:
+                log(f"taking over the lease of {cur.get('owner', '?')} on {art.uri}: {why}")
+                _remove(art)
+                cur = None
+        if cur is None:
+            with _HELD_LOCK:
+                _HELD.add(owner)  # before it is visible, so this process never sees its own lease as orphaned
+            if _create_exclusive(art, _record(owner, ttl_s, me)):
+                time.sleep(settle_s)  # let a concurrent taker's writes land, then see who won
+                cur = read_lease(art)
+                if cur is not None and cur.get("owner") == owner:
+                    return True
+            with _HELD_LOCK:
+                _HELD.discard(owner)
+            cur = read_lease(art)
+        if not announced:
+            holder = cur.get("owner") if cur else "another worker"
+            log(f"{art.uri} is being computed by {holder}; waiting for it (or for its lease to go stale)")
+            announced = True
+        if _now() > deadline:
+            raise LeaseTimeout(f"gave up waiting for {art.uri} after {wait_timeout_s:.0f} s (lease held by "
+                               f"{cur.get('owner') if cur else '?'})")
+        time.sleep(poll_s)
+
+
 @contextmanager
 def artifact_lease(art, *, ttl_s: float | None = None, heartbeat_s: float | None = None,
                    settle_s: float | None = None, poll_s: float | None = None,
@@ -219,38 +256,10 @@ def artifact_lease(art, *, ttl_s: float | None = None, heartbeat_s: float | None
     heartbeat_s = min(heartbeat_s or ttl_s / 4, ttl_s / 4)
     me = process_identity()
     owner = f"{me['host']}:{me['pid']}:{uuid.uuid4().hex[:8]}"
-    deadline = _now() + wait_timeout_s
-    announced = False
-    while True:
-        if done is not None and done():
-            yield Lease(art, owner, False, ttl_s)
-            return
-        cur = read_lease(art)
-        if cur is not None and cur.get("owner") != owner:
-            why = stale_reason(cur, me)
-            if why is not None:
-                log(f"taking over the lease of {cur.get('owner', '?')} on {art.uri}: {why}")
-                _remove(art)
-                cur = None
-        if cur is None:
-            with _HELD_LOCK:
-                _HELD.add(owner)  # before it is visible, so this process never sees its own lease as orphaned
-            if _create_exclusive(art, _record(owner, ttl_s, me)):
-                time.sleep(settle_s)  # let a concurrent taker's writes land, then see who won
-                cur = read_lease(art)
-                if cur is not None and cur.get("owner") == owner:
-                    break
-            with _HELD_LOCK:
-                _HELD.discard(owner)
-            cur = read_lease(art)
-        if not announced:
-            holder = cur.get("owner") if cur else "another worker"
-            log(f"{art.uri} is being computed by {holder}; waiting for it (or for its lease to go stale)")
-            announced = True
-        if _now() > deadline:
-            raise LeaseTimeout(f"gave up waiting for {art.uri} after {wait_timeout_s:.0f} s (lease held by "
-                               f"{cur.get('owner') if cur else '?'})")
-        time.sleep(poll_s)
+    if not _acquire(art, owner, me, ttl_s=ttl_s, settle_s=settle_s, poll_s=poll_s, wait_timeout_s=wait_timeout_s,
+                    done=done, log=log):
+        yield Lease(art, owner, False, ttl_s)
+        return
 
     lease = Lease(art, owner, True, ttl_s)
     stop = threading.Event()

@@ -1,4 +1,4 @@
-"""LoRA attachment and (de)serialization -- kept in one place (STYLE.md 6).
+"""LoRA attachment and (de)serialization -- kept in one place (docs/conventions.md).
 
 Inside the pipeline a TLCM LoRA is a safetensors file of PEFT tensors under a `unet.` prefix
 (`unet.<module>.lora_A.weight` / `lora_B.weight`, every module named alike) whose metadata records the LoRA
@@ -10,15 +10,19 @@ before any work. For other programs, the `export` stage writes the diffusers, ko
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .config import LoRAConfig
+from .errors import UserError
 
 ADAPTER = "tlcm"
 
 
-class LoRAError(ValueError):
+class LoRAError(UserError, ValueError):
     pass
 
 
@@ -117,3 +121,93 @@ def unmerge_lora(unet: torch.nn.Module) -> None:
     for m in unet.modules():
         if isinstance(m, BaseTunerLayer) and m.merged:
             m.unmerge()
+
+
+@contextmanager
+def adapters_disabled(unet):
+    """The teacher is the student's UNet with its LoRA switched off."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+@contextmanager
+def active_adapter(unet, name: str):
+    unet.set_adapter(name)
+    try:
+        yield
+    finally:
+        unet.set_adapter(ADAPTER)
+
+
+@dataclass
+class LoRAFile:
+    """A TLCM LoRA read from disk/object storage, with what its metadata and surroundings say."""
+
+    state: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    url: str
+    config: LoRAConfig
+    base: dict  # teacher_identity of the base model it was trained on
+    segments: int | None = None  # from the stage manifest or an exported scheduler config, when next to the file
+    sampler: str | None = None
+
+
+def _read(url: str) -> bytes | None:
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+
+
+def read_lora(ref: Any, lora: LoRAConfig | None = None, base: dict | None = None) -> LoRAFile:
+    """The one way to read a TLCM LoRA: `ref` is a training-stage artifact (a store Artifact, as stages get their
+    inputs), or a string: a .safetensors path/URL, a training artifact's folder/URI (lora.safetensors) or an export
+    folder (diffusers/pytorch_lora_weights.safetensors). With `lora` / `base` it is also checked against the
+    configured rank and base model (teacher_identity), so a wrong LoRA is refused before any work."""
+    if not isinstance(ref, str):  # an Artifact: read through its store (credentials, retries, checksums)
+        state = ref.load_tensors("lora.safetensors")
+        metadata = ref.tensors_metadata("lora.safetensors")
+        config = check_lora(state, metadata, lora, base, where=ref.uri)
+        return LoRAFile(state, metadata, ref.uri, config, json.loads(metadata.get("base_model", "{}")))
+    found = _read_file(ref)
+    if lora is not None or base is not None:
+        check_lora(found.state, found.metadata, lora, base, where=found.url)
+    return found
+
+
+def _read_file(ref: str) -> LoRAFile:
+    from safetensors.torch import load
+
+    root = ref.rstrip("/")
+    candidates = [ref] if ref.endswith(".safetensors") else [f"{root}/lora.safetensors",
+                                                              f"{root}/diffusers/pytorch_lora_weights.safetensors"]
+    for url in candidates:
+        raw = _read(url)
+        if raw is not None:
+            break
+    else:
+        raise LoRAError(f"no TLCM LoRA at {ref} (looked for {', '.join(candidates)})")
+    try:
+        state = load(raw)
+        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    except Exception as e:
+        raise LoRAError(f"{url} is not a readable safetensors file ({e})") from None
+    metadata = dict(header.get("__metadata__") or {})
+    config = check_lora(state, metadata, where=url)
+    base = json.loads(metadata.get("base_model", "{}"))
+    segments = sampler = None
+    if not ref.endswith(".safetensors"):
+        manifest = _read(f"{root}/manifest.json")
+        sched = _read(f"{root}/scheduler/scheduler_config.json")
+        if sched is not None:
+            sc = json.loads(sched)
+            segments, sampler = sc.get("segments"), sc.get("sampler")
+        elif manifest is not None:
+            segments = json.loads(manifest).get("config", {}).get("schedule", {}).get("segments")
+    return LoRAFile(state, metadata, url, config, base, segments, sampler)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .config import MetricsConfig
+from .errors import UserError
 
 AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's TF-ported FID InceptionV3
@@ -43,7 +44,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METRIC_KEYS = {"clip": "clip_score", "aesthetic": "aesthetic_score", "imagereward": "image_reward", "fid": "fid"}
 
 
-class MetricsError(RuntimeError):
+class MetricsError(UserError, RuntimeError):
     """A metric cannot run: the message says what to install or download and which config field to set."""
 
 

@@ -2,7 +2,7 @@
 
 Every model the pipeline runs -- teacher, student, target -- is seen through `Denoiser`: a UNet plus the
 teacher's noise schedule, called as `denoiser(x_t, t, cond) -> (x0, eps)`. Samplers and solvers take a
-denoiser and their randomness as arguments (STYLE.md 2).
+denoiser and their randomness as arguments (docs/conventions.md).
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 
 from .config import ComputeConfig, TeacherConfig
+from .errors import UserError
 from .schedule import NoiseSchedule, cfg
 
 SUPPORTED_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionPipeline")
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError, ValueError):
     """The teacher cannot be used (not found, wrong kind, missing parts)."""
 
 
@@ -153,10 +154,10 @@ def _is_remote(url: str) -> bool:
 
 def resolve_teacher_source(teacher: TeacherConfig) -> str:
     """A local folder (the toy teacher, a path, a downloaded fsspec URL) or a hub id for from_pretrained."""
-    if teacher.source.startswith("toy"):
+    world = teacher.toy_world
+    if world is not None:
         from .toy import toy_teacher_path
 
-        world = teacher.source.split(":", 1)[1] if ":" in teacher.source else "toy"
         path = toy_teacher_path(world)
         if not (Path(path) / "model_index.json").is_file():
             raise TeacherError(f"the toy teacher for world {world!r} is not shipped at {path}; run `tlcm toy-teacher`")
@@ -181,10 +182,10 @@ def resolve_teacher_source(teacher: TeacherConfig) -> str:
 
 def teacher_identity(teacher: TeacherConfig) -> dict:
     """What identifies the teacher's weights in fingerprints: content hashes where cheap, else id@revision."""
-    src = resolve_teacher_source(teacher) if teacher.source.startswith("toy") else teacher.source
+    src = resolve_teacher_source(teacher) if teacher.toy_world else teacher.source
     ident = {"source": teacher.source, "revision": teacher.revision, "variant": teacher.variant,
              "resolution": teacher.resolution}
-    if teacher.source.startswith("toy"):
+    if teacher.toy_world:
         h = hashlib.sha256()
         for f in sorted(Path(src).rglob("*")):
             if f.is_file():
@@ -383,3 +384,9 @@ __all__ = [
     "resolve_device", "resolve_dtype", "resolve_teacher_source", "sdxl_time_ids", "setup_threads",
     "teacher_identity", "vae_scale_factor_of",
 ]
+
+
+def schedule_of(pipe):
+    from .schedule import NoiseSchedule
+
+    return NoiseSchedule.from_config(dict(pipe.scheduler.config))

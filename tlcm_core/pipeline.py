@@ -1,8 +1,12 @@
-"""Stages as plain functions from (config, input artifacts) to an artifact, and the plan that places them.
+"""The front door: plan a run (stage names, fingerprints, forced closures, preflight, store access) and run stages.
 
-Each stage's fingerprint hashes its slice of the resolved config, its input stages' fingerprints and a stage
-version (DESIGN.md "Artifacts and caching"). Fingerprints depend on the config alone, so any worker can find
-any artifact without running anything: `tlcm/mlcd` on its own locates the cached trajectories.
+Each stage is declared once, in its module under tlcm_core/stages/ (tlcm_core/stage.py says what a declaration
+holds). A stage's fingerprint hashes the config its declaration reads, its inputs' fingerprints and its version
+(docs/artifacts.md). Fingerprints depend on the config alone, so any worker can find any artifact without
+running anything: `tlcm/mlcd` on its own locates the cached trajectories.
+
+The CLI, the Prefect flow, deployment dispatch and `run_pipeline` all start with `plan_run`, so they check the
+same things in the same order before any model work.
 """
 
 from __future__ import annotations
@@ -10,217 +14,24 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Literal
 
 from .config import STAGES, PipelineConfig
+from .errors import UserError
 from .lease import artifact_lease
 from .progress import Reporter
+from .stage import Stage, StageContext, StageInputError, config_slice, config_view
+from .stages import REGISTRY
 from .store import ArtifactStore, CorruptArtifactError, IncompleteArtifactError, fingerprint
 
 log = logging.getLogger("tlcm")
 
-LORA_STAGES = ("mlcd", "lcd", "finetune")
+__all__ = ["Plan", "PlannedStage", "RunPlan", "StageInputError", "StageResult", "open_store", "plan", "plan_run",
+           "preflight", "run_pipeline", "run_stage", "stage_inputs"]
 
 
-class StageInputError(RuntimeError):
-    """An input artifact a stage needs is not there (or not complete)."""
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    name: str
-    version: int
-    inputs: Callable[[PipelineConfig], dict[str, str]]  # input name -> upstream stage
-    config: Callable[[PipelineConfig], dict[str, Any]]  # the config slice that determines the output
-    run: Callable[..., dict]  # run(cfg, inputs: dict[name, Artifact], out: Artifact, reporter) -> summary
-
-
-def _teacher(cfg: PipelineConfig) -> dict:
-    from .models import teacher_identity
-
-    return teacher_identity(cfg.teacher)
-
-
-def _traj_config(cfg: PipelineConfig) -> dict:
-    from .prompts import load_prompts, prompts_digest
-
-    t = cfg.trajectories.model_dump(mode="json")
-    t["prompts_digest"] = prompts_digest(load_prompts(cfg.trajectories.prompts))
-    del t["batch_size"]  # batching does not change the samples
-    return {"teacher": _teacher(cfg), "schedule": cfg.schedule.model_dump(mode="json"), "trajectories": t,
-            "seed": cfg.compute.seed, "dtype": cfg.compute.dtype}
-
-
-def _trainer_config(section: str) -> Callable[[PipelineConfig], dict]:
-    def f(cfg: PipelineConfig) -> dict:
-        tcfg = getattr(cfg, section).model_dump(mode="json")
-        for k in ("log_every", "prefetch"):  # bookkeeping that does not change the weights
-            tcfg.pop(k, None)
-        out = {section: tcfg, "lora": cfg.lora.model_dump(mode="json"), "seed": cfg.compute.seed,
-               "dtype": cfg.compute.dtype, "schedule": cfg.schedule.model_dump(mode="json"),
-               "num_processes": cfg.compute.num_processes}
-        if tcfg.get("distance") == "latent-lpips" and cfg.latent_lpips.source == "file":
-            out["latent_lpips_weights"] = cfg.latent_lpips.weights  # other sources: the input artifact's fingerprint
-        return out
-
-    return f
-
-
-def final_lora_stage(cfg: PipelineConfig, before: str = "evaluate") -> str | None:
-    """The last LoRA-producing stage of the configured pipeline before `before` (None: evaluate the teacher)."""
-    upto = cfg.stages[: cfg.stages.index(before)] if before in cfg.stages else cfg.stages
-    lora = [s for s in upto if s in LORA_STAGES and s in SPECS]
-    return lora[-1] if lora else None
-
-
-def _run_trajectories(cfg, inputs, out, reporter):
-    from .trajectories import run_teacher_trajectories
-
-    return run_teacher_trajectories(cfg, out, reporter)
-
-
-def _run_mlcd(cfg, inputs, out, reporter):
-    from .mlcd import run_mlcd
-
-    return run_mlcd(cfg, inputs["pairs"], out, reporter, lpips_art=inputs.get("lpips"))
-
-
-def _lpips_inputs(cfg: PipelineConfig) -> dict[str, str]:
-    return {"pairs": "teacher-trajectories"} if cfg.latent_lpips.source == "datafree" else {}
-
-
-def _lpips_config(cfg: PipelineConfig) -> dict:
-    # the teacher identifies the VAE that encodes (BAPPS) or decodes (data-free) the latents
-    return {"latent_lpips": cfg.latent_lpips.model_dump(mode="json"), "teacher": _teacher(cfg)}
-
-
-def _run_latent_lpips(cfg, inputs, out, reporter):
-    from .lpips_stage import run_latent_lpips
-
-    return run_latent_lpips(cfg, inputs, out, reporter)
-
-
-def _with_latent_lpips(section: str, inputs: dict[str, str]) -> Callable[[PipelineConfig], dict[str, str]]:
-    """A trainer whose distance is latent-lpips also reads the latent-lpips artifact (unless the weights are a file)."""
-
-    def f(cfg: PipelineConfig) -> dict[str, str]:
-        if getattr(cfg, section).distance == "latent-lpips" and cfg.latent_lpips.source != "file":
-            return {**inputs, "lpips": "latent-lpips"}
-        return dict(inputs)
-
-    return f
-
-
-def _lcd_traj_config(cfg: PipelineConfig) -> dict:
-    from .prompts import load_prompts, prompts_digest
-
-    lc = cfg.lcd_trajectories.model_dump(mode="json")
-    del lc["batch_size"]
-    return {"teacher": _teacher(cfg), "schedule": cfg.schedule.model_dump(mode="json"), "lcd_trajectories": lc,
-            "prompts_digest": prompts_digest(load_prompts(cfg.trajectories.prompts)), "seed": cfg.compute.seed,
-            "dtype": cfg.compute.dtype, "storage_dtype": cfg.trajectories.storage_dtype}
-
-
-def _run_lcd_trajectories(cfg, inputs, out, reporter, shards=None):
-    from .lcd import run_lcd_trajectories
-
-    return run_lcd_trajectories(cfg, inputs["lora"], out, reporter, shards=shards)
-
-
-def _run_lcd(cfg, inputs, out, reporter):
-    from .lcd import run_lcd
-
-    return run_lcd(cfg, inputs["pairs"], inputs["init"], out, reporter, lpips_art=inputs.get("lpips"))
-
-
-def _run_finetune(cfg, inputs, out, reporter):
-    from .finetune import run_finetune
-
-    return run_finetune(cfg, inputs["init"], out, reporter)
-
-
-def _finetune_inputs(cfg: PipelineConfig) -> dict[str, str]:
-    stage = final_lora_stage(cfg, before="finetune")
-    if stage is None:
-        raise ValueError("finetune needs a LoRA stage before it (mlcd or lcd) in the pipeline's stages")
-    return {"init": stage}
-
-
-def _finetune_config(cfg: PipelineConfig) -> dict:
-    out = _trainer_config("finetune")(cfg)
-    out["teacher"] = _teacher(cfg)
-    out["guidance"] = cfg.schedule.guidance
-    return out
-
-
-def _run_export(cfg, inputs, out, reporter):
-    from .export import run_export
-
-    return run_export(cfg, inputs["lora"], out, reporter, metrics_art=inputs.get("metrics"))
-
-
-def _export_inputs(cfg: PipelineConfig) -> dict[str, str]:
-    stage = final_lora_stage(cfg, before="export")
-    if stage is None:
-        raise ValueError("stage 'export' needs a LoRA stage (mlcd, lcd or finetune) before it in stages")
-    return {"lora": stage, **({"metrics": "evaluate"} if "evaluate" in cfg.stages else {})}
-
-
-def _run_evaluate(cfg, inputs, out, reporter):
-    from .evaluate import run_evaluate
-
-    return run_evaluate(cfg, inputs.get("lora"), out, reporter)
-
-
-def _eval_inputs(cfg: PipelineConfig) -> dict[str, str]:
-    stage = final_lora_stage(cfg)
-    return {"lora": stage} if stage else {}
-
-
-SPECS: dict[str, StageSpec] = {
-    "teacher-trajectories": StageSpec("teacher-trajectories", 1, lambda c: {}, _traj_config, _run_trajectories),
-    "latent-lpips": StageSpec("latent-lpips", 1, _lpips_inputs, _lpips_config, _run_latent_lpips),
-    "mlcd": StageSpec("mlcd", 1, _with_latent_lpips("mlcd", {"pairs": "teacher-trajectories"}), _trainer_config("mlcd"),
-                      _run_mlcd),
-    "lcd-trajectories": StageSpec("lcd-trajectories", 1, lambda c: {"lora": "mlcd"}, _lcd_traj_config,
-                                  _run_lcd_trajectories),
-    "lcd": StageSpec("lcd", 1, _with_latent_lpips("lcd", {"pairs": "lcd-trajectories", "init": "mlcd"}),
-                     _trainer_config("lcd"), _run_lcd),
-    "finetune": StageSpec("finetune", 1, _finetune_inputs, _finetune_config, _run_finetune),
-    "evaluate": StageSpec(
-        "evaluate", 1, _eval_inputs,
-        lambda c: {"teacher": _teacher(c), "evaluate": c.evaluate.model_dump(mode="json"),
-                   "schedule": c.schedule.model_dump(mode="json"), "lora": c.lora.model_dump(mode="json"),
-                   "seed": c.compute.seed, "dtype": c.compute.dtype},
-        _run_evaluate),
-    "export": StageSpec(
-        "export", 1, _export_inputs,
-        lambda c: {"teacher": _teacher(c), "export": c.export.model_dump(mode="json"),
-                   "schedule": c.schedule.model_dump(mode="json"), "lora": c.lora.model_dump(mode="json")},
-        _run_export),
-}
-
-
-def _run_trajectory_shards(cfg, inputs, out, reporter, shards):
-    from .trajectories import run_teacher_trajectories
-
-    return run_teacher_trajectories(cfg, out, reporter, shards=shards)
-
-
-# Stages whose work splits into shards that several workers can fill at once.
-SHARDED: dict[str, Callable[..., dict]] = {"teacher-trajectories": _run_trajectory_shards,
-                                           "lcd-trajectories": _run_lcd_trajectories}
-
-
-def num_shards(cfg: PipelineConfig, name: str) -> int:
-    if name in ("teacher-trajectories", "lcd-trajectories"):
-        t = cfg.trajectories if name == "teacher-trajectories" else cfg.lcd_trajectories
-        return -(-t.num_samples // t.shard_size)
-    raise ValueError(f"stage {name!r} is not sharded")
-
-
-def implemented_stages() -> list[str]:
-    return [s for s in STAGES if s in SPECS]
+class PlanError(UserError, ValueError):
+    """A stage name or --force that does not fit the configured pipeline."""
 
 
 @dataclass
@@ -251,18 +62,18 @@ class Plan:
 def plan(cfg: PipelineConfig) -> Plan:
     """Fingerprints for every stage the config's pipeline needs (its stages plus their inputs)."""
     p = Plan()
-    missing = [s for s in cfg.stages if s not in SPECS]
-    if missing:
-        raise ValueError(f"stage(s) {missing} are not implemented yet; implemented: {', '.join(implemented_stages())}")
 
     def visit(name: str) -> PlannedStage:
         if name in p.stages:
             return p.stages[name]
-        spec = SPECS[name]
-        inputs = spec.inputs(cfg)
+        stage = REGISTRY[name]
+        try:
+            inputs = stage.inputs(cfg)
+        except ValueError as e:
+            raise PlanError(str(e)) from None
         fps = {k: visit(up).fingerprint for k, up in inputs.items()}
-        conf = spec.config(cfg)
-        ps = PlannedStage(name, fingerprint(name, spec.version, conf, fps), inputs, conf, spec.version)
+        conf = config_slice(stage, cfg)
+        ps = PlannedStage(name, fingerprint(name, stage.version, conf, fps), inputs, conf, stage.version)
         p.stages[name] = ps
         return ps
 
@@ -270,6 +81,38 @@ def plan(cfg: PipelineConfig) -> Plan:
         visit(s)
     p.stages = {s: p.stages[s] for s in STAGES if s in p.stages}
     return p
+
+
+@dataclass
+class RunPlan:
+    """What a run will do, checked before any model work: the stages in order, which are forced, the plan."""
+
+    cfg: PipelineConfig
+    plan: Plan
+    todo: list[str]
+    forced: set[str]
+
+
+def plan_run(cfg: PipelineConfig, stages: list[str] | None = None, force: list[str] | None = None,
+             access: Literal["write", "read", "none"] = "write") -> RunPlan:
+    """Validate stage names and --force against the pipeline, plan every fingerprint, run the preflight checks of
+    what the stages will use and probe the store (`access`: what this process will do there; a dispatcher only
+    reads manifests). Whatever is wrong is one clear error before any model work."""
+    p = plan(cfg)
+    for s in list(stages or []) + list(force or []):
+        if s not in STAGES:
+            raise PlanError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
+        if s not in p.stages:
+            raise PlanError(f"stage {s!r} is not part of this config's pipeline ({', '.join(p.stages)}); add it to "
+                            "the config's `stages`")
+    todo = [s for s in p.stages if s in (stages or cfg.stages)]
+    forced: set[str] = set()
+    for f in force or []:
+        forced.update(p.dependents(f))
+    preflight(cfg, todo)
+    if access != "none":
+        open_store(cfg).check_access(write=access == "write")
+    return RunPlan(cfg, p, todo, forced)
 
 
 @dataclass
@@ -304,6 +147,17 @@ def stage_inputs(cfg: PipelineConfig, store: ArtifactStore, name: str, p: Plan |
     return out
 
 
+def execute(stage: Stage, cfg: PipelineConfig, inputs: dict, out, reporter: Reporter,
+            shards: list[int] | None = None) -> dict:
+    """Run a stage's code on its declared view of the config: data-parallel in compute.num_processes processes for
+    a training stage (launched here, at the stage boundary), else in this process."""
+    if stage.trains and cfg.compute.num_processes > 1:
+        from .distributed import launch
+
+        return launch(cfg, stage.name, inputs, out)
+    return stage.run(StageContext(config_view(stage, cfg), inputs, out, reporter, shards))
+
+
 def run_stage(cfg: PipelineConfig, name: str, store: ArtifactStore | None = None, reporter: Reporter | None = None,
               force: bool = False, p: Plan | None = None, shards: list[int] | None = None) -> StageResult:
     """Run one stage unless its artifact is complete (a cache hit). A corrupt artifact is reported, never used.
@@ -314,7 +168,7 @@ def run_stage(cfg: PipelineConfig, name: str, store: ArtifactStore | None = None
     store = store or open_store(cfg)
     reporter = reporter or Reporter()
     p = p or plan(cfg)
-    ps = p[name]
+    ps, stage = p[name], REGISTRY[name]
     art = store.artifact(name, ps.fingerprint)
     if art.exists() and not force:
         try:
@@ -329,10 +183,11 @@ def run_stage(cfg: PipelineConfig, name: str, store: ArtifactStore | None = None
         reporter.log(f"{name}: --force: discarded {art.uri}")
     inputs = stage_inputs(cfg, store, name, p)
     if shards is not None:
-        if name not in SHARDED:
-            raise ValueError(f"stage {name!r} is not sharded; only {', '.join(SHARDED)} take shards")
+        if not stage.sharded:
+            raise PlanError(f"stage {name!r} is not sharded; only "
+                            f"{', '.join(s for s, st in REGISTRY.items() if st.sharded)} take shards")
         reporter.log(f"{name}: computing shards {shards} of {art.uri}")
-        summary = SHARDED[name](cfg, inputs, art, reporter, shards)
+        summary = execute(stage, cfg, inputs, art, reporter, shards)
         return StageResult(name, art.uri, ps.fingerprint, False, summary)
     # one worker computes; a concurrent run of the same stage and fingerprint waits and reuses its result
     with artifact_lease(art, done=art.exists, log=reporter.log) as mine:
@@ -342,7 +197,7 @@ def run_stage(cfg: PipelineConfig, name: str, store: ArtifactStore | None = None
             return StageResult(name, art.uri, ps.fingerprint, True, m.summary)
         reporter.log(f"{name}: computing {art.uri}")
         t0 = time.perf_counter()
-        summary = SPECS[name].run(cfg, inputs, art, reporter)
+        summary = execute(stage, cfg, inputs, art, reporter)
         summary = {**summary, "wall_seconds": round(time.perf_counter() - t0, 2)}  # this run's work (not resumed)
         mine.check()  # another worker took over (our heartbeats stalled): it commits, not us
         art.commit(version=ps.version, config=ps.config, inputs={k: a.uri for k, a in inputs.items()},
@@ -351,8 +206,15 @@ def run_stage(cfg: PipelineConfig, name: str, store: ArtifactStore | None = None
     return StageResult(name, art.uri, ps.fingerprint, False, summary)
 
 
+def num_shards(cfg: PipelineConfig, name: str) -> int:
+    stage = REGISTRY[name]
+    if stage.num_shards is None:
+        raise PlanError(f"stage {name!r} is not sharded")
+    return stage.num_shards(cfg)
+
+
 def preflight(cfg: PipelineConfig, stages: list[str]) -> None:
-    """Cheap checks of what later stages will need, so a run does not fail hours in (after MLCD, say)."""
+    """Cheap checks of what the stages about to run will use, so a run does not fail hours in (after MLCD, say)."""
     from .rewards import RewardError
 
     fc = cfg.finetune
@@ -368,26 +230,18 @@ def preflight(cfg: PipelineConfig, stages: list[str]) -> None:
             if not os.path.isfile(fc.reward_model):
                 raise RewardError(f"finetune.reward_model={fc.reward_model!r}: no such file")
     captions = cfg.evaluate.metrics.captions
-    if "evaluate" in stages and captions:
+    if "evaluate" in stages and captions and cfg.evaluate.metrics.kind != "none":
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(captions)
         if not fs.exists(path):
-            raise FileNotFoundError(f"evaluate.metrics.captions={captions!r}: no such file (COCO-2017 val captions "
-                                    "or a text file with one caption a line)")
+            raise PlanError(f"evaluate.metrics.captions={captions!r}: no such file (COCO-2017 val captions or a text "
+                            "file with one caption a line)")
 
 
 def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None, force: list[str] | None = None,
                  reporter: Reporter | None = None) -> list[StageResult]:
     """Run the given stages (default: the config's) in order, in this process."""
-    todo = stages or cfg.stages
-    preflight(cfg, todo)
-    p = plan(cfg)
+    run = plan_run(cfg, stages, force)
     store = open_store(cfg)
-    store.check_access(write=True)
-    forced: set[str] = set()
-    for f in force or []:
-        if f not in p.stages:
-            raise ValueError(f"--force {f!r}: not a stage of this pipeline ({', '.join(p.stages)})")
-        forced.update(p.dependents(f))
-    return [run_stage(cfg, s, store, reporter, force=s in forced, p=p) for s in STAGES if s in todo]
+    return [run_stage(cfg, s, store, reporter, force=s in run.forced, p=run.plan) for s in run.todo]

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import hashlib
 
+from .config import toy_world
+from .errors import UserError
 
-class PromptsError(ValueError):
+
+class PromptsError(UserError, ValueError):
     pass
 
 
 def load_prompts(source: str) -> list[str]:
     """'toy' or 'toy:WORLD' -> the toy world's prompts; else a UTF-8 text file on any fsspec URL, one prompt a line
     (blank lines and lines starting with '#' are skipped)."""
-    if source == "toy" or source.startswith("toy:"):
+    world = toy_world(source)
+    if world is not None:
         from .toy import get_world
 
-        return list(get_world(source.split(":", 1)[1] if ":" in source else "toy").prompts())
+        return list(get_world(world).prompts())
     import fsspec
 
     try:

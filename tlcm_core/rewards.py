@@ -13,10 +13,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
+
 Scorer = Callable[[torch.Tensor, list[str]], torch.Tensor]
 
 
-class RewardError(RuntimeError):
+class RewardError(UserError, RuntimeError):
     pass
 
 

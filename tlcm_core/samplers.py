@@ -1,4 +1,12 @@
-"""Samplers. Each takes a denoiser, the starting noise and its randomness as arguments (k-diffusion style)."""
+"""Every sampler and solver of the method, each taking its model, the starting latent and its randomness as
+arguments (k-diffusion style), so a cached target can be reproduced from a seed:
+
+  mds_states            the teacher's multistep denoising strategy from pure noise (TLCM Algorithm 1)
+  teacher_solver        the teacher's p-step CFG-DDIM solver between milestones (Algorithm 2)
+  student_clean_latents the student's q-step sampler for clean latents (Algorithm 2)
+  ddim_sample           deterministic DDIM (the teacher's reference sampler)
+  tlcm_sample           few-step sampling on milestone timesteps (the official inference sampler)
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,7 @@ from typing import Callable, Literal
 import torch
 
 from .models import Conditioning, Denoiser
-from .schedule import NoiseSchedule, ddim
+from .schedule import NoiseSchedule, ddim, segment_index
 
 X0Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> x0
 
@@ -62,4 +70,57 @@ def tlcm_sample(x0_fn: X0Fn, x_T: torch.Tensor, timesteps: list[int], schedule: 
             x = ddim(schedule, x, x0, t, s)
         else:
             raise ValueError(f"unknown sampler mode {mode!r}; use renoise or multistep")
+    return x
+
+
+@torch.no_grad()
+def mds_states(teacher: Denoiser, x_T: torch.Tensor, t_m: torch.Tensor, bounds: list[int], cond: Conditioning,
+               uncond: Conditioning, w: float, mds: bool = True) -> torch.Tensor:
+    """TLCM Algorithm 1 for a batch whose samples all lie in one segment s: L = M - s CFG-DDIM steps of size
+    (T-1 - t_m)/L from pure noise at T-1 down to each sample's own t_m. `mds=False` takes one step instead."""
+    top, M = max(bounds), len(bounds) - 1
+    seg = segment_index(t_m, bounds)
+    if not bool((seg == seg[0]).all()):
+        raise ValueError("mds_states expects samples of one segment")
+    L = (M - int(seg[0])) if mds else 1
+    x = x_T
+    t_prev = torch.full_like(t_m, top)
+    for k in range(1, L + 1):
+        t_next = (top + (t_m.double() - top) * k / L).round().long()
+        active = t_next != t_prev  # samples already at t_m (t_m == top) stay put
+        if bool(active.any()):
+            x0, _ = teacher.guided(x, t_prev, cond, uncond, w)
+            x = torch.where(active.reshape(-1, 1, 1, 1), ddim(teacher.schedule, x, x0, t_prev, t_next), x)
+        t_prev = t_next
+    return x
+
+
+def student_clean_latents(x0_fn, x_T: torch.Tensor, q: int, schedule: NoiseSchedule,
+                          renoise: str = "same", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Algorithm 2's q-step student sampler from z_T = eps: predict x0 at t, re-noise to t - T/q, repeat;
+    the re-noising uses the same eps (`renoise="same"`, as the paper) or fresh noise (`"fresh"`)."""
+    T = schedule.T
+    timesteps = [int(round(T - 1 - i * T / q)) for i in range(q)]
+    x, eps = x_T, x_T
+    for i, t in enumerate(timesteps):
+        x0 = x0_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        if i + 1 == len(timesteps):
+            return x0
+        if renoise == "fresh":
+            eps = torch.randn(x.shape, generator=generator).to(x)
+        x = schedule.add_noise(x0, eps, timesteps[i + 1])
+    return x
+
+
+@torch.no_grad()
+def teacher_solver(teacher: Denoiser, x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor, p: int,
+                   cond: Conditioning, uncond: Conditioning, w: float) -> torch.Tensor:
+    """The teacher's multistep solver: p CFG-DDIM steps from t_from to t_to (per sample), evenly spaced.
+    p = 1 is one DDIM step."""
+    t_prev = t_from
+    for k in range(1, p + 1):
+        t_next = (t_from.double() + (t_to.double() - t_from.double()) * k / p).round().long()
+        x0, _ = teacher.guided(x, t_prev, cond, uncond, w)
+        x = ddim(teacher.schedule, x, x0, t_prev, t_next)
+        t_prev = t_next
     return x

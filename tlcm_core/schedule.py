@@ -1,4 +1,4 @@
-"""The math of TLCM in discrete DDPM time (DESIGN.md "The math", PAPER-NOTES.md).
+"""The math of TLCM in discrete DDPM time (docs/method.md).
 
 Notation: `a_t = sqrt(alpha_bar_t)`, `s_t = sqrt(1 - alpha_bar_t)`, timesteps are integers in [0, T).
 Everything here is plain tensor math: no models, no I/O.
@@ -82,7 +82,7 @@ def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, w: float) -> torch.Ten
 
 
 def ddim(schedule: NoiseSchedule, x_t: torch.Tensor, x0: torch.Tensor, t, s) -> torch.Tensor:
-    """DDIM(z_t, x0, t, s) = a_s x0 + s_s (z_t - a_t x0) / s_t  (PAPER-NOTES notation, eta = 0).
+    """DDIM(z_t, x0, t, s) = a_s x0 + s_s (z_t - a_t x0) / s_t  (docs/method.md notation, eta = 0).
 
     At s == t this is the identity (returned exactly); s may be a tensor of per-sample targets.
     """
@@ -161,7 +161,7 @@ def sample_mlcd_timesteps(
     return t_hi, t_lo, t_step
 
 
-# Few-step sampler timesteps of the official TLCM inference (PAPER-NOTES.md "Sampling") for M = 8.
+# Few-step sampler timesteps of the official TLCM inference (docs/method.md "Sampling") for M = 8.
 OFFICIAL_SAMPLER_TIMESTEPS = {
     1: [999],
     2: [999, 499],

@@ -1,4 +1,4 @@
-"""`TLCMScheduler`: the TLCM few-step sampler as a diffusers scheduler (PAPER-NOTES.md "Sampling").
+"""`TLCMScheduler`: the TLCM few-step sampler as a diffusers scheduler (docs/method.md "Sampling").
 
 Drop-in for any diffusers SD/SDXL pipeline run without guidance (`guidance_scale=0` or `1`; guidance is distilled
 into the LoRA):
@@ -30,7 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 SAMPLERS = ("renoise", "multistep")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
-# The official TLCM inference's step subsets of the M = 8 milestones (PAPER-NOTES.md "Sampling").
+# The official TLCM inference's step subsets of the M = 8 milestones (docs/method.md "Sampling").
 OFFICIAL_SAMPLER_TIMESTEPS = {
     1: [999],
     2: [999, 499],

@@ -3,7 +3,7 @@
 An artifact lives at ``{root}/{stage}/{fingerprint}/`` and is complete exactly when its
 ``manifest.json`` exists there and verifies. Work in progress (zarr chunks, shard done-markers,
 checkpoints) lives in the same folder and is resumed, never trusted as complete; :meth:`Artifact.commit`
-hashes every file and writes the manifest last, in one atomic step (DESIGN.md, "Artifacts and caching").
+hashes every file and writes the manifest last, in one atomic step (docs/artifacts.md).
 
 Remote stores retry transient errors (unreachable endpoint, timeouts, throttling, 5xx) with exponential
 backoff and jitter for a bounded time per operation (:class:`RetryPolicy`, from ``TLCM_STORE_RETRY_*``), on
@@ -43,6 +43,8 @@ import zarr
 import zarr.errors
 import zarr.storage
 
+from .errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -78,7 +80,7 @@ log = logging.getLogger("tlcm.store")
 # Errors
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """The store cannot be used: unreachable, no permission, bad URL. The message says what to fix."""
 
 

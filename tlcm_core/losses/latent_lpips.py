@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import UserError
+
 __all__ = [
     "LatentLPIPS", "LatentLPIPSWeightsError", "NetLinLayer", "RankingHead", "load_latent_lpips",
     "map_state_dict", "save_latent_lpips", "twoafc_score",
@@ -48,7 +50,7 @@ PUBLISHED_HINT = ("use the published latent-lpips.pth (huggingface.co/AIGCer-OPP
                   "latent_lpips.safetensors written by the latent-lpips stage")
 
 
-class LatentLPIPSWeightsError(ValueError):
+class LatentLPIPSWeightsError(UserError, ValueError):
     """A weights file that does not fit LatentLPIPS; the message names the key, the shapes and what to use."""
 
 

@@ -68,7 +68,7 @@ def measure_pipeline(
 ) -> dict:
     """Sample ``n`` balanced prompts at each step count with DDIM-trailing and score them (accuracy with its 95%
     Wilson interval, per-attribute accuracy, Frechet distance to ``n_real`` real images)."""
-    from ..evaluate import wilson_interval
+    from ..evaluation import wilson_interval
 
     ev = evaluator if evaluator is not None else ToyEvaluator.load(world)
     w = get_world(world)

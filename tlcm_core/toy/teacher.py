@@ -247,6 +247,23 @@ def _encode_all(vae, images: torch.Tensor, batch: int = 512) -> tuple[torch.Tens
     return torch.cat(means), torch.cat(stds)
 
 
+def _eps_loss(pred: torch.Tensor, eps: torch.Tensor, snr: torch.Tensor, snr_gamma: float | None):
+    """The eps-prediction MSE, Min-SNR-weighted when snr_gamma is set; returns (loss, per-sample MSE)."""
+    per = (pred - eps).pow(2).mean(dim=(1, 2, 3))
+    if snr_gamma is None:
+        return per.mean(), per
+    return (torch.clamp(snr, max=snr_gamma) / snr * per).mean(), per
+
+
+@torch.no_grad()
+def _ema_update(ema: dict, model: torch.nn.Module, decay: float) -> None:
+    for k, v in model.state_dict().items():
+        if v.dtype.is_floating_point:
+            ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        else:
+            ema[k].copy_(v)
+
+
 def _train_unet(pipe, lat_mean, lat_std, pidx, s: ToyTeacherSettings, ckpt_dir: Path, progress: Progress, resume: bool):
     from .pipeline import TOY_TIME_IDS
 
@@ -296,31 +313,16 @@ def _train_unet(pipe, lat_mean, lat_std, pidx, s: ToyTeacherSettings, ckpt_dir: 
         drop = torch.rand(B, generator=g) < s.prompt_dropout
         cond = torch.where(drop, torch.full_like(pidx[idx], null), pidx[idx])
         xt = a_t[t].view(B, 1, 1, 1) * z0 + s_t[t].view(B, 1, 1, 1) * eps
-        pred = unet(
-            xt,
-            t,
-            encoder_hidden_states=pe[cond],
-            added_cond_kwargs={"text_embeds": pooled[cond], "time_ids": time_ids.expand(B, -1)},
-        ).sample
-        per = (pred - eps).pow(2).mean(dim=(1, 2, 3))
-        if s.snr_gamma is not None:
-            w = torch.clamp(snr[t], max=s.snr_gamma) / snr[t]
-            loss = (w * per).mean()
-        else:
-            loss = per.mean()
+        pred = unet(xt, t, encoder_hidden_states=pe[cond],
+                    added_cond_kwargs={"text_embeds": pooled[cond], "time_ids": time_ids.expand(B, -1)}).sample
+        loss, per = _eps_loss(pred, eps, snr[t], s.snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if s.grad_clip:
             torch.nn.utils.clip_grad_norm_(unet.parameters(), s.grad_clip)
         opt.step()
         step += 1
-        d = min(s.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in unet.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
-                else:
-                    ema[k].copy_(v)
+        _ema_update(ema, unet, min(s.ema_decay, (1 + step) / (10 + step)))
         last = {"loss": loss.item(), "mse": per.mean().item(), "lr": lr, "s_per_step": (time.time() - t0) / (step - start)}
         if step % s.checkpoint_every == 0 or step == s.unet_steps:
             state = {"step": step, "optimizer": opt.state_dict(), "rng": _rng_state(g)}

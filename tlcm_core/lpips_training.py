@@ -1,4 +1,4 @@
-"""Stage `latent-lpips`: weights for the latent LPIPS distance (DESIGN.md; TLCM "bag of techniques").
+"""Stage `latent-lpips`: weights for the latent LPIPS distance (docs/method.md "Stage 3"; TLCM "bag of techniques").
 
 Three sources (config section `latent_lpips`):
 - file: a state dict (the published `latent-lpips.pth` or our safetensors), checked and re-saved;
@@ -19,7 +19,6 @@ turns a config (and that artifact) into the `Distance` the consistency trainers 
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 from .config import PipelineConfig
 from .losses import Distance
-from .losses.latent_lpips import LatentLPIPS, RankingHead, load_latent_lpips, save_latent_lpips, twoafc_score
+from .losses.latent_lpips import LatentLPIPS, RankingHead, load_latent_lpips, twoafc_score
 from .progress import Reporter
 
 WEIGHTS_FILE = "latent_lpips.safetensors"
@@ -131,12 +130,12 @@ def toy_feature_distance(evaluator) -> PixelDistance:
 def make_pixel_distance(cfg: PipelineConfig, device: torch.device) -> tuple[PixelDistance, str]:
     name = cfg.latent_lpips.pixel_distance
     if name == "auto":
-        name = "toy-features" if cfg.teacher.source.startswith("toy") else "lpips-vgg"
+        name = "toy-features" if cfg.teacher.toy_world else "lpips-vgg"
     if name == "lpips-vgg":
         return lpips_vgg_distance(device), name
     from .toy import ToyEvaluator, toy_evaluator_path
 
-    world = cfg.teacher.source.split(":", 1)[1] if cfg.teacher.source.startswith("toy:") else "toy"
+    world = cfg.teacher.toy_world or "toy"
     if not toy_evaluator_path(world).is_file():
         raise FileNotFoundError(f"pixel_distance=toy-features needs the toy evaluator of world {world!r} at "
                                 f"{toy_evaluator_path(world)}; it is not there (build the toy assets first)")
@@ -496,58 +495,6 @@ def bapps_splits(url: str, *, max_triplets: int, image_size: int | None, val_fra
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The stage and the trainer's hook
-
-
-def run_latent_lpips(cfg: PipelineConfig, inputs: dict, out_art, reporter: Reporter) -> dict:
-    """Stage `latent-lpips`: write latent_lpips.safetensors, metrics.json (and train_log.jsonl when it trains)."""
-    from .models import load_schedule, resolve_device, setup_threads
-
-    lc = cfg.latent_lpips
-    setup_threads(cfg.compute)
-    device = resolve_device(cfg.compute)
-    log: list[dict] = []
-    if lc.source == "file":
-        model = load_latent_lpips(lc.weights, device=device)
-        metrics: dict = {"weights": lc.weights}
-        if lc.bapps_url:  # report its 2AFC agreement where data exists
-            vae = load_vae(cfg.teacher, device)
-            _, val, val_from = bapps_splits(lc.bapps_url, max_triplets=lc.max_triplets,
-                                            image_size=lc.bapps_image_size, val_fraction=lc.val_fraction, seed=lc.seed)
-            val = val.encode(vae, lc.batch_size)
-            metrics.update(val=score_2afc(model, val, device), val_from=val_from,
-                           baseline_latent_mse=score_2afc(_latent_mse, val, device))
-    elif lc.source == "bapps":
-        vae = load_vae(cfg.teacher, device)
-        train, val, val_from = bapps_splits(lc.bapps_url, max_triplets=lc.max_triplets, image_size=lc.bapps_image_size,
-                                            val_fraction=lc.val_fraction, seed=lc.seed)
-        reporter.log(f"latent-lpips: {len(train)} train / {len(val)} val triplets ({val_from}); encoding with the VAE")
-        fit = train_latent_lpips_2afc(train.encode(vae, lc.batch_size), val.encode(vae, lc.batch_size), width=lc.width,
-                                      steps=lc.steps, lr=lc.lr, batch_size=lc.batch_size, seed=lc.seed, device=device,
-                                      reporter=reporter, log_every=max(1, lc.steps // 20))
-        model, log, metrics = fit.model, fit.log, {**fit.metrics, "val_from": val_from}
-    else:
-        if "pairs" not in inputs:
-            raise ValueError("latent_lpips.source=datafree needs the teacher-trajectories artifact as inputs['pairs']")
-        vae = load_vae(cfg.teacher, device)
-        pixel, pixel_name = make_pixel_distance(cfg, device)
-        fit = train_latent_lpips_datafree(inputs["pairs"], vae_decoder(vae), pixel, lc.steps,
-                                          schedule=load_schedule(cfg.teacher), width=lc.width, num_pairs=lc.num_pairs,
-                                          val_fraction=lc.val_fraction, lr=lc.lr, batch_size=lc.batch_size,
-                                          seed=lc.seed, device=device, reporter=reporter, max_anchors=lc.num_pairs,
-                                          log_every=max(1, lc.steps // 20))
-        model, log, metrics = fit.model, fit.log, {**fit.metrics, "pixel_distance": pixel_name}
-    metrics = {"source": lc.source, "width": model.width, **metrics}
-    out_art.write_bytes(WEIGHTS_FILE, save_latent_lpips(model, source=lc.source))
-    out_art.write_json("metrics.json", metrics)
-    if log:
-        out_art.write_bytes("train_log.jsonl", "".join(json.dumps(r) + "\n" for r in log).encode())
-        reporter.table("latent-lpips-loss", log, description="latent LPIPS training loss")
-    summary = {"source": lc.source, "width": model.width}
-    for key in ("heldout", "val"):
-        if key in metrics:
-            summary[key] = {k: v for k, v in metrics[key].items() if k != "per_subset"}
-    reporter.log(f"latent-lpips: {json.dumps(summary)}")
-    return summary
 
 
 def resolve_latent_lpips(cfg: PipelineConfig, store, artifact=None, device: torch.device | str = "cpu"

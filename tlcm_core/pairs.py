@@ -1,9 +1,9 @@
-"""Stage `teacher-trajectories`: data-free MDS states and teacher CFG-DDIM targets, cached in zarr.
+"""The pair cache: the zarr layout that teacher-trajectories and lcd-trajectories write and MLCD/LCD read.
 
-Layout of the artifact (all zarr v3 arrays, chunked along the sample axis by `shard_size`):
+Layout of a pair artifact (zarr v3 arrays, chunked along the sample axis by `shard_size`):
   cond/{prompt_embeds,pooled,time_ids}    per prompt (P rows), the text conditioning the teacher saw
   uncond/{prompt_embeds,pooled,time_ids}  one row: the unconditional used for CFG
-  x_hi, x_lo        (N, C, h, w)  the MDS state at t_hi and one teacher CFG-DDIM jump to t_lo (TLCM eq. 8)
+  x_hi, x_lo        (N, C, h, w)  the noisier latent and its teacher target (eq. 8, or the p-step solver of eq. 9)
   t_hi, t_lo, t_step, prompt_idx  (N,) int32;   seed (N,) int64: the noise seed of each sample
 Each shard (one chunk of rows) is computed from its samples' seeds alone and marked done when written, so
 shards can run in parallel on several workers and a restart fills only what is missing.
@@ -12,16 +12,18 @@ shards can run in parallel on several workers and a restart fills only what is m
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from .config import PipelineConfig
-from .models import Conditioning, Denoiser, encode_prompts, latent_shape
+from .models import Conditioning, encode_prompts, latent_shape
 from .progress import Reporter
-from .schedule import ddim, lower_boundary, milestones, segment_index
+
 
 SAMPLE_ARRAYS = ("x_hi", "x_lo", "t_hi", "t_lo", "t_step", "prompt_idx", "seed")
 
@@ -32,57 +34,6 @@ def sample_seed(base_seed: int, index: int, domain: str = "teacher") -> int:
     key = f"tlcm-sample:{base_seed}:{index}" if domain == "teacher" else f"tlcm-{domain}-sample:{base_seed}:{index}"
     h = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-@dataclass
-class SamplePlan:
-    """Everything random about samples [start, stop): drawn from their seeds, reproducible anywhere."""
-
-    index: np.ndarray  # (n,) global sample indices
-    seed: np.ndarray  # (n,) int64
-    prompt_idx: np.ndarray  # (n,)
-    t_hi: torch.Tensor
-    t_lo: torch.Tensor
-    t_step: torch.Tensor
-    noise: torch.Tensor  # (n, C, h, w) x_T
-
-
-def plan_samples(start: int, stop: int, *, base_seed: int, num_prompts: int, shape: tuple[int, int, int],
-                 bounds: list[int], skip: int) -> SamplePlan:
-    idx = np.arange(start, stop)
-    seeds = np.array([sample_seed(base_seed, int(i)) for i in idx], dtype=np.int64)
-    t_hi, noise = [], []
-    top = max(bounds)
-    for s in seeds:
-        g = torch.Generator().manual_seed(int(s))
-        t_hi.append(int(torch.randint(1, top + 1, (1,), generator=g)))
-        noise.append(torch.randn(shape, generator=g))
-    t_hi_t = torch.tensor(t_hi, dtype=torch.long)
-    t_step = lower_boundary(t_hi_t, bounds)
-    t_lo = torch.maximum(t_hi_t - skip, t_step)  # clamped at the segment boundary (TLCM eq. 7)
-    return SamplePlan(idx, seeds, idx % num_prompts, t_hi_t, t_lo, t_step, torch.stack(noise))
-
-
-@torch.no_grad()
-def mds_states(teacher: Denoiser, x_T: torch.Tensor, t_m: torch.Tensor, bounds: list[int], cond: Conditioning,
-               uncond: Conditioning, w: float, mds: bool = True) -> torch.Tensor:
-    """TLCM Algorithm 1 for a batch whose samples all lie in one segment s: L = M - s CFG-DDIM steps of size
-    (T-1 - t_m)/L from pure noise at T-1 down to each sample's own t_m. `mds=False` takes one step instead."""
-    top, M = max(bounds), len(bounds) - 1
-    seg = segment_index(t_m, bounds)
-    if not bool((seg == seg[0]).all()):
-        raise ValueError("mds_states expects samples of one segment")
-    L = (M - int(seg[0])) if mds else 1
-    x = x_T
-    t_prev = torch.full_like(t_m, top)
-    for k in range(1, L + 1):
-        t_next = (top + (t_m.double() - top) * k / L).round().long()
-        active = t_next != t_prev  # samples already at t_m (t_m == top) stay put
-        if bool(active.any()):
-            x0, _ = teacher.guided(x, t_prev, cond, uncond, w)
-            x = torch.where(active.reshape(-1, 1, 1, 1), ddim(teacher.schedule, x, x0, t_prev, t_next), x)
-        t_prev = t_next
-    return x
 
 
 def encode_text_arrays(cfg: PipelineConfig, art, pipe, prompts: list[str]) -> None:
@@ -124,37 +75,6 @@ def shard_ranges(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
     return [(i, min(i + shard_size, num_samples)) for i in range(0, num_samples, shard_size)]
 
 
-@torch.no_grad()
-def compute_shard(cfg: PipelineConfig, teacher: Denoiser, cond_all: Conditioning, uncond: Conditioning,
-                  start: int, stop: int, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
-    """The samples of one shard: MDS state x_hi and the teacher's CFG-DDIM jump x_lo (TLCM eq. 8)."""
-    sch = cfg.schedule
-    bounds = milestones(sch.num_train_timesteps, sch.segments)
-    plan = plan_samples(start, stop, base_seed=cfg.compute.seed, num_prompts=len(cond_all), shape=shape,
-                        bounds=bounds, skip=sch.skip)
-    device = next(teacher.unet.parameters()).device
-    dtype = next(teacher.unet.parameters()).dtype
-    x_hi = torch.empty_like(plan.noise)
-    x_lo = torch.empty_like(plan.noise)
-    seg = segment_index(plan.t_hi, bounds)
-    bs = cfg.trajectories.batch_size
-    unc = uncond.to(device, dtype)
-    for s in seg.unique().tolist():  # samples of one segment share their number of MDS steps
-        members = torch.nonzero(seg == s).flatten()
-        for i in range(0, len(members), bs):
-            m = members[i:i + bs]
-            cond = cond_all[torch.from_numpy(plan.prompt_idx[m.numpy()])].to(device, dtype)
-            x_T = plan.noise[m].to(device, dtype)
-            t_hi, t_lo = plan.t_hi[m].to(device), plan.t_lo[m].to(device)
-            xh = mds_states(teacher, x_T, t_hi, bounds, cond, unc, sch.guidance, mds=cfg.trajectories.mds)
-            x0, _ = teacher.guided(xh, t_hi, cond, unc, sch.guidance)
-            xl = ddim(teacher.schedule, xh, x0, t_hi, t_lo)
-            x_hi[m], x_lo[m] = xh.float().cpu(), xl.float().cpu()
-    return {"x_hi": x_hi.numpy(), "x_lo": x_lo.numpy(), "t_hi": plan.t_hi.numpy().astype(np.int32),
-            "t_lo": plan.t_lo.numpy().astype(np.int32), "t_step": plan.t_step.numpy().astype(np.int32),
-            "prompt_idx": plan.prompt_idx.astype(np.int32), "seed": plan.seed}
-
-
 ShardFn = Callable[[int, int, tuple[int, int, int]], dict[str, np.ndarray]]  # (start, stop, latent shape) -> arrays
 
 
@@ -194,21 +114,114 @@ def fill_pair_shards(cfg: PipelineConfig, art, reporter: Reporter, *, stage: str
     return {**summary, "latent_shape": list(shape)}
 
 
-def run_teacher_trajectories(cfg: PipelineConfig, art, reporter: Reporter, shards: list[int] | None = None,
-                             device: torch.device | None = None) -> dict:
-    """Stage `teacher-trajectories`: fill every missing shard (or only `shards`). The teacher is loaded once."""
-    t = cfg.trajectories
-
-    def setup(pipe, cond_all, uncond):
-        teacher = Denoiser(pipe.unet, schedule_of(pipe))
-        return lambda start, stop, shape: compute_shard(cfg, teacher, cond_all, uncond, start, stop, shape)
-
-    return fill_pair_shards(cfg, art, reporter, stage="teacher-trajectories", num_samples=t.num_samples,
-                            shard_size=t.shard_size, storage_dtype=t.storage_dtype, shards=shards, setup=setup,
-                            device=device)
+BATCH_ARRAYS = ("x_hi", "x_lo", "t_hi", "t_lo", "t_step", "prompt_idx")
 
 
-def schedule_of(pipe):
-    from .schedule import NoiseSchedule
+@dataclass
+class Batch:
+    x_hi: torch.Tensor
+    x_lo: torch.Tensor
+    t_hi: torch.Tensor
+    t_lo: torch.Tensor
+    t_step: torch.Tensor
+    cond: Conditioning
 
-    return NoiseSchedule.from_config(dict(pipe.scheduler.config))
+    def to(self, device, dtype=None) -> Batch:
+        return Batch(self.x_hi.to(device, dtype), self.x_lo.to(device, dtype), self.t_hi.to(device),
+                     self.t_lo.to(device), self.t_step.to(device), self.cond.to(device, dtype))
+
+
+class PairBatches:
+    """Deterministic random batches of cached (x_hi, x_lo) pairs from a trajectory artifact.
+
+    An epoch is a seeded permutation of the shards, taken `group` shards at a time; each group yields
+    floor(group_rows / batch_size) batches from a seeded permutation of its rows. `batches_from(step)` starts
+    anywhere, so resuming needs no loader state.
+    """
+
+    def __init__(self, art, batch_size: int, seed: int, group: int = 4, prefetch: int = 2):
+        self.art, self.batch_size, self.seed, self.prefetch = art, batch_size, seed, prefetch
+        self.arrays = {name: art.open_array(name) for name in BATCH_ARRAYS}
+        n = self.arrays["x_hi"].shape[0]
+        shard = self.arrays["x_hi"].chunks[0]
+        self.shards = [(i, min(i + shard, n)) for i in range(0, n, shard)]
+        self.group = max(1, min(group, len(self.shards)))
+        if n < batch_size:
+            raise ValueError(f"batch_size={batch_size} is larger than the {n} cached samples in {art.uri}")
+        # per-prompt conditioning is small next to the latents: keep it in memory
+        self.cond = read_conditioning(art, "cond")
+
+    def _groups(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.shards), generator=g).tolist()
+        return [order[i:i + self.group] for i in range(0, len(order), self.group)]
+
+    def _group_batches(self, shards: list[int]) -> int:
+        rows = sum(self.shards[s][1] - self.shards[s][0] for s in shards)
+        return rows // self.batch_size
+
+    def _load_group(self, epoch: int, gi: int, shards: list[int]) -> list[Batch]:
+        parts = {name: [] for name in BATCH_ARRAYS}
+        for s in shards:
+            a, b = self.shards[s]
+            for name in BATCH_ARRAYS:
+                parts[name].append(np.asarray(self.arrays[name][a:b]))
+        data = {k: torch.from_numpy(np.concatenate(v)) for k, v in parts.items()}
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 7919 + gi)
+        perm = torch.randperm(len(data["t_hi"]), generator=g)
+        out = []
+        for i in range(self._group_batches(shards)):
+            idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
+            out.append(Batch(data["x_hi"][idx].float(), data["x_lo"][idx].float(), data["t_hi"][idx].long(),
+                             data["t_lo"][idx].long(), data["t_step"][idx].long(),
+                             self.cond[data["prompt_idx"][idx].long()]))
+        return out
+
+    def _schedule(self, start_step: int) -> Iterator[tuple[int, int, list[int], int]]:
+        """(epoch, group index, shards, first batch within group) from the step to start at."""
+        step, epoch = 0, 0
+        while True:
+            for gi, shards in enumerate(self._groups(epoch)):
+                nb = self._group_batches(shards)
+                if step + nb > start_step:
+                    yield epoch, gi, shards, max(0, start_step - step)
+                step += nb
+            epoch += 1
+
+    def batches_from(self, start_step: int) -> Iterator[Batch]:
+        """Infinite iterator of batches beginning at global batch index `start_step`, prefetched in a thread."""
+        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():  # never block for good: the consumer may be gone
+                try:
+                    q.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def producer():
+            try:
+                for epoch, gi, shards, skip in self._schedule(start_step):
+                    if not put(self._load_group(epoch, gi, shards)[skip:]):
+                        return
+            except BaseException as e:  # surface loader errors in the training thread
+                put(e)
+
+        if self.prefetch == 0:
+            for epoch, gi, shards, skip in self._schedule(start_step):
+                yield from self._load_group(epoch, gi, shards)[skip:]
+            return
+        th = threading.Thread(target=producer, daemon=True)
+        th.start()
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield from item
+        finally:  # the consumer closed the iterator (or dropped it): let the thread finish
+            stop.set()
+            th.join(timeout=5)

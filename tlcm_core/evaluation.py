@@ -15,21 +15,12 @@ import numpy as np
 import torch
 
 from .config import PipelineConfig
-from .lora import check_lora, load_lora_into, merge_lora
+from .lora import load_lora_into, merge_lora
 from .models import (Denoiser, decode_latents, encode_prompts, latent_shape, load_pipeline, resolve_device,
-                     resolve_dtype, teacher_identity)
+                     resolve_dtype)
 from .progress import Reporter
 from .samplers import ddim_sample, student_x0_fn, teacher_x0_fn, tlcm_sample
 from .schedule import NoiseSchedule, ddim_timesteps, milestones, sampler_timesteps
-
-
-def toy_world_of(cfg: PipelineConfig) -> str | None:
-    src = cfg.teacher.source
-    if src == "toy":
-        return "toy"
-    if src.startswith("toy:"):
-        return src.split(":", 1)[1]
-    return None
 
 
 def eval_prompts(cfg: PipelineConfig) -> list[str]:
@@ -39,7 +30,7 @@ def eval_prompts(cfg: PipelineConfig) -> list[str]:
         from .metrics import load_captions
 
         return load_captions(cfg.evaluate.metrics.captions)
-    world = toy_world_of(cfg)
+    world = cfg.teacher.toy_world
     return load_prompts(f"toy:{world}" if world else cfg.trajectories.prompts)
 
 
@@ -175,7 +166,7 @@ class ToyMetrics:
 def metrics_for(cfg: PipelineConfig, device: torch.device):
     """ToyMetrics in a toy world, the field's metrics (tlcm_core.metrics.RealMetrics) for real teachers, or None
     (timing only) -- evaluate.metrics.kind; auto = toy in a toy world, else real when captions are given."""
-    m, ev, world = cfg.evaluate.metrics, cfg.evaluate, toy_world_of(cfg)
+    m, ev, world = cfg.evaluate.metrics, cfg.evaluate, cfg.teacher.toy_world
     kind = m.kind if m.kind != "auto" else ("toy" if world else "real" if m.captions else "none")
     if kind == "toy":
         if not world:
@@ -248,20 +239,3 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def run_evaluate(cfg: PipelineConfig, lora_art, out_art, reporter: Reporter) -> dict:
-    """The `evaluate` stage: student rows for evaluate.steps plus teacher rows for evaluate.teacher_steps."""
-    lora = None
-    if lora_art is not None:
-        lora = lora_art.load_tensors("lora.safetensors")
-        check_lora(lora, lora_art.tensors_metadata("lora.safetensors"), cfg.lora, teacher_identity(cfg.teacher),
-                   where=lora_art.uri)
-    grids: dict[str, bytes] = {}
-    rows = evaluate_rows(cfg, lora, cfg.evaluate.steps, reporter, include_teacher_steps=cfg.evaluate.teacher_steps,
-                         grids=grids)
-    out_art.write_json("metrics.json", rows)
-    out_art.write_bytes("metrics.md", (markdown_table(rows) + "\n").encode())
-    for name, png in grids.items():
-        out_art.write_bytes(f"grids/{name.replace('@', '-')}.png", png)
-        reporter.image(f"grid-{name}", png, description=f"samples: {name}")
-    reporter.table("metrics", rows, description=f"evaluate ({lora_art.uri if lora_art else 'teacher only'})")
-    return {"rows": rows}

@@ -25,9 +25,8 @@ import tempfile
 from pathlib import Path
 import torch
 
-from .config import LoRAConfig, PipelineConfig, TeacherConfig
+from .config import LoRAConfig, TeacherConfig, toy_world
 from .lora import check_lora, lora_metadata
-from .progress import Reporter
 
 DIFFUSERS_FILE = "diffusers/pytorch_lora_weights.safetensors"
 KOHYA_FILE = "kohya/tlcm_lora.safetensors"
@@ -212,13 +211,13 @@ def _pipeline_class(unet_config: dict) -> str:
 def model_card(lora: LoRAConfig, base: dict, unet_config: dict, formats: list[str], segments: int, sampler: str,
                steps: int, training: dict | None = None, metrics: list[dict] | None = None,
                name: str = "TLCM LoRA") -> str:
-    from .evaluate import markdown_table
+    from .evaluation import markdown_table
 
     src = base.get("source", "?")
     pipe_cls = _pipeline_class(unet_config)
     res = base.get("resolution")
     size = f", height={res}, width={res}" if res else ""
-    example = "a red circle" if src.startswith("toy") else "a photo of a cat"
+    example = "a red circle" if toy_world(src) else "a photo of a cat"
     lines = [
         "---", "library_name: diffusers", f"base_model: {src}", "tags:", "- text-to-image", "- lora", "- tlcm",
         "- few-step", "---", "", f"# {name}", "",
@@ -244,7 +243,7 @@ def model_card(lora: LoRAConfig, base: dict, unet_config: dict, formats: list[st
               "from scheduling_tlcm import TLCMScheduler  # (or: from tlcm_core.scheduler import TLCMScheduler)", "",
               *(["from tlcm_core.toy import toy_teacher_path  # the toy world's teacher ships with tlcm", "",
                  f'pipe = {pipe_cls}.from_pretrained(toy_teacher_path("{src.partition(":")[2] or "toy"}"))']
-                if src.startswith("toy") else [f'pipe = {pipe_cls}.from_pretrained("{src}")']),
+                if toy_world(src) else [f'pipe = {pipe_cls}.from_pretrained("{src}")']),
               'pipe.scheduler = TLCMScheduler.from_pretrained("EXPORT_DIR", subfolder="scheduler")']
     if "diffusers" in formats:
         lines.append('pipe.load_lora_weights("EXPORT_DIR/diffusers", adapter_name="tlcm")')
@@ -314,29 +313,6 @@ def base_configs(teacher: TeacherConfig) -> tuple[dict, dict]:
     return dict(unet), dict(sched)
 
 
-def run_export(cfg: PipelineConfig, lora_art, out_art, reporter: Reporter, metrics_art=None) -> dict:
-    """The `export` stage: the final LoRA artifact -> diffusers / kohya / PEFT files, scheduler, model card."""
-    from .models import teacher_identity
-
-    state = lora_art.load_tensors("lora.safetensors")
-    metadata = lora_art.tensors_metadata("lora.safetensors")
-    check_lora(state, metadata, cfg.lora, teacher_identity(cfg.teacher), where=lora_art.uri)
-    unet_config, sched_config = base_configs(cfg.teacher)
-    manifest = lora_art.manifest(verify="none")
-    training = {"stage": manifest.stage, "artifact": lora_art.uri, "config": manifest.config,
-                "inputs": manifest.inputs, "summary": manifest.summary}
-    metrics = metrics_art.read_json("metrics.json") if metrics_art is not None else None
-    ex = cfg.export
-    files = export_files(state, metadata, list(ex.formats), unet_config, sched_config,
-                         segments=cfg.schedule.segments, sampler=ex.sampler, steps=ex.steps,
-                         kohya_naming=ex.kohya_naming, training=training, metrics=metrics, where=lora_art.uri)
-    for rel, data in files.items():
-        out_art.write_bytes(rel, data)
-    reporter.log(f"export: {', '.join(sorted(files))}")
-    return {"formats": list(ex.formats), "files": sorted(files), "lora": lora_art.uri,
-            "rank": cfg.lora.rank, "alpha": cfg.lora.alpha}
-
-
 def write_files(files: dict[str, bytes], out: str) -> list[str]:
     """Write export files under a folder or fsspec URL (what `tlcm export` does); returns their URLs."""
     import fsspec
@@ -351,5 +327,5 @@ def write_files(files: dict[str, bytes], out: str) -> list[str]:
     return urls
 
 
-__all__ = ["ExportError", "export_files", "lora_modules", "model_card", "run_export", "sgm_module_path",
+__all__ = ["ExportError", "export_files", "lora_modules", "model_card", "sgm_module_path",
            "to_diffusers", "to_kohya", "to_peft", "write_files"]

@@ -1,0 +1,165 @@
+"""The layering rules of docs/architecture.md, checked on the source: short functions, no import cycles, no stage
+module importing another, tlcm_core free of Prefect, and each stage reading only the config it declares."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("tlcm_core", "tasks", "flows")
+MAX_FUNCTION_LINES = 80
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Every project module `name` imports, at module level or inside a function (a lazy import is still a
+    dependency)."""
+    is_pkg = path.name == "__init__.py"
+    base = name.split(".") if is_pkg else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            mod = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else [])) \
+                if node.level else node.module
+            targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        for t in targets:
+            while t and t not in MODULES:  # `from pkg import name` imports pkg (and pkg.name if a module)
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                found.add(t)
+    return found
+
+
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, "functions over 80 lines (split them):\n" + "\n".join(long)
+
+
+def _cycle() -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(GRAPH.get(n, ())):
+            if m.startswith(n + "."):  # a package importing its own submodules is how packages are built
+                continue
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (c := visit(m)):
+                return c
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(GRAPH):
+        if n not in state and (c := visit(n)):
+            return c
+    return None
+
+
+def test_no_import_cycle():
+    cycle = _cycle()
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_check_can_fail():
+    GRAPH["tlcm_core.schedule"].add("tlcm_core.pipeline")  # pipeline -> ... -> schedule -> pipeline
+    try:
+        assert _cycle() is not None
+    finally:
+        GRAPH["tlcm_core.schedule"].discard("tlcm_core.pipeline")
+
+
+def test_no_stage_module_imports_another_stage_module():
+    from tlcm_core.stages import REGISTRY
+
+    stage_modules = {f"tlcm_core.stages.{s.replace('-', '_')}" for s in REGISTRY}
+    assert stage_modules <= set(MODULES), "every stage has its module tlcm_core/stages/<stage>.py"
+    bad = [f"{m} imports {d}" for m in stage_modules for d in GRAPH[m] if d in stage_modules]
+    assert not bad, bad
+
+
+def test_the_library_never_imports_prefect_tasks_or_flows():
+    bad = []
+    for name, path in MODULES.items():
+        if not name.startswith("tlcm_core"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bad += [f"{name} imports {m}" for m in mods if m.split(".")[0] in ("prefect", "tasks", "flows")]
+    assert not bad, bad
+
+
+def test_every_stage_is_declared_once_next_to_its_code():
+    from tlcm_core.config import STAGES
+    from tlcm_core.stages import REGISTRY
+
+    assert tuple(REGISTRY) == STAGES
+    for name, stage in REGISTRY.items():
+        module = f"tlcm_core.stages.{name.replace('-', '_')}"
+        assert stage.run.__module__ == module, f"{name}: its run lives in {stage.run.__module__}, not {module}"
+
+
+# ------------------------------------------------------------------------------------------------ declared reads
+
+
+def test_a_stage_reading_an_undeclared_config_field_fails_at_once():
+    from tlcm_core.config import load_config
+    from tlcm_core.stage import Stage, UndeclaredConfigRead, config_view
+
+    cfg = load_config("toy-fast")
+    stage = Stage("probe", 1, run=lambda ctx: {}, reads=("mlcd", "compute.seed"), uses=("lcd.log_every",))
+    view = config_view(stage, cfg)
+    assert view.mlcd.lr == cfg.mlcd.lr and view.compute.seed == cfg.compute.seed
+    assert view.lcd.log_every == cfg.lcd.log_every and view.compute.device == cfg.compute.device  # always readable
+    for read in (lambda: view.lcd.lr, lambda: view.compute.dtype, lambda: view.evaluate):
+        with pytest.raises(UndeclaredConfigRead, match="does not list"):
+            read()
+
+
+def test_fingerprints_follow_the_declared_reads():
+    from tlcm_core.config import load_config
+    from tlcm_core.pipeline import plan
+
+    stages = "stages=[teacher-trajectories,mlcd,lcd-trajectories,lcd,evaluate]"
+    base = plan(load_config("toy-fast", [stages]))
+    lr = plan(load_config("toy-fast", [stages, "mlcd.lr=2e-4"]))
+    assert lr["teacher-trajectories"].fingerprint == base["teacher-trajectories"].fingerprint  # reused
+    assert all(lr[s].fingerprint != base[s].fingerprint for s in ("mlcd", "lcd-trajectories", "lcd", "evaluate"))
+    bookkeeping = plan(load_config("toy-fast", [stages, "mlcd.log_every=7", "mlcd.prefetch=1",
+                                                "trajectories.batch_size=3", "compute.device=cpu"]))
+    assert {s: p.fingerprint for s, p in bookkeeping.stages.items()} == \
+        {s: p.fingerprint for s, p in base.stages.items()}
+    evaluate_only = plan(load_config("toy-fast", [stages, "evaluate.num_samples=8"]))
+    assert [s for s in base.stages if evaluate_only[s].fingerprint != base[s].fingerprint] == ["evaluate"]

@@ -1,0 +1,143 @@
+"""What a stage is: one declaration next to its code, and the one signature every stage's run has.
+
+A stage module (tlcm_core/stages/<name>.py) ends with `STAGE = Stage(...)`: its name, version, input stages,
+the config it reads, its run function, whether it is sharded, whether it trains (data-parallel with
+compute.num_processes) and whether it makes a LoRA. Everything else is derived from that declaration:
+
+- the fingerprint hashes exactly the declared `reads` (minus the declared bookkeeping `uses`), the inputs'
+  fingerprints and the version;
+- the run sees the config through a `ConfigView` that refuses any section or field the stage did not declare,
+  so the fingerprint cannot drift from what the code reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .config import PipelineConfig
+from .errors import UserError
+from .progress import Reporter
+
+# Settings that never change a stage's output, readable by every stage and never hashed.
+ALWAYS_READABLE = ("name", "store", "compute.device", "compute.num_threads")
+
+
+class UndeclaredConfigRead(AttributeError):
+    """A stage read a config field its declaration does not list (a bug in the stage, not the user's)."""
+
+
+def _no_inputs(cfg: PipelineConfig) -> dict[str, str]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    version: int
+    run: Callable[[StageContext], dict]
+    # config paths that determine the output ("mlcd", "compute.seed"), hashed; or a function of the config giving
+    # them, for a read that only some settings make (latent_lpips.weights when the distance is latent LPIPS)
+    reads: tuple[str, ...] | Callable[[PipelineConfig], tuple[str, ...]]
+    uses: tuple[str, ...] = ()  # config paths read for bookkeeping only ("mlcd.log_every"); never hashed
+    inputs: Callable[[PipelineConfig], dict[str, str]] = _no_inputs  # input name -> upstream stage
+    num_shards: Callable[[PipelineConfig], int] | None = None  # set for stages several workers fill at once
+    trains: bool = False  # a training stage: runs data-parallel in compute.num_processes processes
+    makes_lora: bool = False
+
+    @property
+    def sharded(self) -> bool:
+        return self.num_shards is not None
+
+    def reads_for(self, cfg: PipelineConfig) -> tuple[str, ...]:
+        return tuple(self.reads(cfg)) if callable(self.reads) else tuple(self.reads)
+
+
+@dataclass
+class StageContext:
+    """What a stage's run gets: the config (as a view of its declared reads), its input artifacts by name, the
+    artifact to fill, where to report, the shards to compute (sharded stages; None = all, then commit) and the
+    accelerator when it runs as one of several data-parallel processes."""
+
+    cfg: PipelineConfig
+    inputs: dict[str, Any]
+    out: Any
+    reporter: Reporter
+    shards: list[int] | None = None
+    accelerator: Any = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fingerprint slices derived from the declaration
+
+
+def _derived(cfg: PipelineConfig, path: str) -> Any:
+    """Values hashed in place of a raw config field: what identifies the teacher's weights, and the prompt list's
+    content rather than its location."""
+    if path == "teacher":
+        from .models import teacher_identity
+
+        return teacher_identity(cfg.teacher)
+    if path == "trajectories.prompts":
+        from .prompts import load_prompts, prompts_digest
+
+        return prompts_digest(load_prompts(cfg.trajectories.prompts))
+    return None
+
+
+def _dump(cfg: PipelineConfig, path: str) -> Any:
+    node: Any = cfg
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
+
+
+def config_slice(stage: Stage, cfg: PipelineConfig) -> dict[str, Any]:
+    """The part of the config that determines the stage's output: its declared reads, less its bookkeeping uses."""
+    out: dict[str, Any] = {}
+    for path in stage.reads_for(cfg):
+        derived = _derived(cfg, path)
+        value = derived if derived is not None else _dump(cfg, path)
+        if isinstance(value, dict):
+            for use in stage.uses:
+                if use.startswith(path + "."):
+                    value.pop(use[len(path) + 1:], None)
+        out[path] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The config as a stage sees it
+
+
+class ConfigView:
+    """Attribute access to a config limited to declared paths: a declared section is returned as is, a section of
+    which only some fields are declared as a view of those fields, anything else raises UndeclaredConfigRead."""
+
+    def __init__(self, target: Any, allowed: tuple[str, ...], stage: str, prefix: str = ""):
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "_allowed", allowed)
+        object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_prefix", prefix)
+
+    def __getattr__(self, name: str) -> Any:
+        path = self._prefix + name
+        value = getattr(self._target, name)
+        if any(path == a or path.startswith(a + ".") for a in self._allowed):
+            return value
+        if any(a.startswith(path + ".") for a in self._allowed):
+            return ConfigView(value, self._allowed, self._stage, path + ".")
+        raise UndeclaredConfigRead(
+            f"stage {self._stage!r} read config field {path!r}, which its Stage declaration does not list; add it to "
+            "`reads` (if it changes the output) or `uses` (bookkeeping) in the stage's module")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a stage's config is read-only")
+
+
+def config_view(stage: Stage, cfg: PipelineConfig) -> PipelineConfig:
+    return ConfigView(cfg, stage.reads_for(cfg) + tuple(stage.uses) + ALWAYS_READABLE, stage.name)  # type: ignore
+
+
+class StageInputError(UserError):
+    """An input artifact a stage needs is not there (or not complete)."""

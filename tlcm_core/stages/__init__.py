@@ -1,0 +1,28 @@
+"""The stages, one module each; each module ends with its `STAGE` declaration (tlcm_core/stage.py).
+
+| stage                | module                     |
+|----------------------|----------------------------|
+| teacher-trajectories | stages/teacher_trajectories.py |
+| latent-lpips         | stages/latent_lpips.py     |
+| mlcd                 | stages/mlcd.py             |
+| lcd-trajectories     | stages/lcd_trajectories.py |
+| lcd                  | stages/lcd.py              |
+| finetune             | stages/finetune.py         |
+| evaluate             | stages/evaluate.py         |
+| export               | stages/export.py           |
+
+A stage module imports the library (tlcm_core/*.py) and stages/common.py, never another stage module.
+"""
+
+from __future__ import annotations
+
+from ..config import STAGES
+from ..stage import Stage
+from . import evaluate, export, finetune, latent_lpips, lcd, lcd_trajectories, mlcd, teacher_trajectories
+
+REGISTRY: dict[str, Stage] = {m.STAGE.name: m.STAGE for m in (
+    teacher_trajectories, latent_lpips, mlcd, lcd_trajectories, lcd, finetune, evaluate, export)}
+
+assert tuple(REGISTRY) == STAGES, "config.STAGES (the dependency order) and the stage modules disagree"
+
+__all__ = ["REGISTRY"]

@@ -1,0 +1,36 @@
+"""Stage `evaluate`: student rows for evaluate.steps and teacher rows for evaluate.teacher_steps, sample grids, and
+the metrics table (toy metrics in a toy world; CLIP score, aesthetic score, ImageReward and FID for real teachers;
+tlcm_core/evaluation.py)."""
+
+from __future__ import annotations
+
+from ..evaluation import evaluate_rows, markdown_table
+from ..lora import read_lora
+from ..models import teacher_identity
+from ..stage import Stage, StageContext
+from .common import final_lora_stage
+
+
+def run(ctx: StageContext) -> dict:
+    cfg, out_art, reporter, lora_art = ctx.cfg, ctx.out, ctx.reporter, ctx.inputs.get("lora")
+    lora = read_lora(lora_art, cfg.lora, teacher_identity(cfg.teacher)).state if lora_art is not None else None
+    grids: dict[str, bytes] = {}
+    rows = evaluate_rows(cfg, lora, cfg.evaluate.steps, reporter, include_teacher_steps=cfg.evaluate.teacher_steps,
+                         grids=grids)
+    out_art.write_json("metrics.json", rows)
+    out_art.write_bytes("metrics.md", (markdown_table(rows) + "\n").encode())
+    for name, png in grids.items():
+        out_art.write_bytes(f"grids/{name.replace('@', '-')}.png", png)
+        reporter.image(f"grid-{name}", png, description=f"samples: {name}")
+    reporter.table("metrics", rows, description=f"evaluate ({lora_art.uri if lora_art else 'teacher only'})")
+    return {"rows": rows}
+
+
+def _inputs(cfg) -> dict[str, str]:
+    stage = final_lora_stage(cfg)
+    return {"lora": stage} if stage else {}
+
+
+STAGE = Stage("evaluate", version=2, run=run, inputs=_inputs,
+              reads=("teacher", "evaluate", "schedule", "lora", "trajectories.prompts", "compute.seed",
+                     "compute.dtype"))

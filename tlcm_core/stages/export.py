@@ -1,0 +1,41 @@
+"""Stage `export`: the final LoRA as the files other programs load -- diffusers, kohya/ComfyUI and PEFT LoRAs, the
+TLCMScheduler config and a model card (the formats themselves: tlcm_core/lora_files.py)."""
+
+from __future__ import annotations
+
+from ..lora import read_lora
+from ..lora_files import base_configs, export_files
+from ..models import teacher_identity
+from ..stage import Stage, StageContext
+from .common import final_lora_stage
+
+
+def run(ctx: StageContext) -> dict:
+    cfg, out_art, reporter = ctx.cfg, ctx.out, ctx.reporter
+    lora_art, metrics_art = ctx.inputs["lora"], ctx.inputs.get("metrics")
+    found = read_lora(lora_art, cfg.lora, teacher_identity(cfg.teacher))
+    state, metadata = found.state, found.metadata
+    unet_config, sched_config = base_configs(cfg.teacher)
+    manifest = lora_art.manifest(verify="none")
+    training = {"stage": manifest.stage, "artifact": lora_art.uri, "config": manifest.config,
+                "inputs": manifest.inputs, "summary": manifest.summary}
+    metrics = metrics_art.read_json("metrics.json") if metrics_art is not None else None
+    ex = cfg.export
+    files = export_files(state, metadata, list(ex.formats), unet_config, sched_config,
+                         segments=cfg.schedule.segments, sampler=ex.sampler, steps=ex.steps,
+                         kohya_naming=ex.kohya_naming, training=training, metrics=metrics, where=lora_art.uri)
+    for rel, data in files.items():
+        out_art.write_bytes(rel, data)
+    reporter.log(f"export: {', '.join(sorted(files))}")
+    return {"formats": list(ex.formats), "files": sorted(files), "lora": lora_art.uri,
+            "rank": cfg.lora.rank, "alpha": cfg.lora.alpha}
+
+
+def _inputs(cfg) -> dict[str, str]:
+    stage = final_lora_stage(cfg, before="export")
+    if stage is None:
+        raise ValueError("stage 'export' needs a LoRA stage (mlcd, lcd or finetune) before it in stages")
+    return {"lora": stage, **({"metrics": "evaluate"} if "evaluate" in cfg.stages else {})}
+
+
+STAGE = Stage("export", version=2, run=run, inputs=_inputs, reads=("teacher", "export", "schedule", "lora"))

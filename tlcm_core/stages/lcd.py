@@ -1,0 +1,33 @@
+"""Stage `lcd`: improved data-free latent consistency distillation across milestones (TLCM section 4.2, eq. 10),
+on the pairs of `lcd-trajectories`, continuing the stage-1 LoRA; the teacher is not loaded."""
+
+from __future__ import annotations
+
+import torch
+
+from ..consistency import train_consistency
+from ..losses import consistency_loss
+from ..models import Denoiser
+from ..pairs import Batch
+from ..stage import Stage, StageContext
+from .common import trainer_reads, trainer_uses, with_latent_lpips
+
+
+def lcd_loss(student: Denoiser, batch: Batch, distance) -> torch.Tensor:
+    """TLCM eq. 10: d(f(x_hi, t_m), stopgrad f(x_lo, t_n)) -- global x0 consistency between adjacent milestones;
+    at t_n = 0 the target is x_lo itself (the boundary condition f(x, 0) = x)."""
+    x0_hi, _ = student(batch.x_hi, batch.t_hi, batch.cond)
+    with torch.no_grad():
+        x0_lo, _ = student(batch.x_lo, batch.t_lo, batch.cond)
+        at_zero = (batch.t_lo == 0).reshape(-1, *([1] * (batch.x_lo.ndim - 1)))
+        target = torch.where(at_zero, batch.x_lo, x0_lo)
+    return consistency_loss(x0_hi, target, distance)
+
+
+def run(ctx: StageContext) -> dict:
+    return train_consistency(ctx, ctx.cfg.lcd, lcd_loss, init_input="init")
+
+
+STAGE = Stage("lcd", version=2, run=run, reads=trainer_reads("lcd"), uses=trainer_uses("lcd"),
+              inputs=with_latent_lpips("lcd", {"pairs": "lcd-trajectories", "init": "mlcd"}), trains=True,
+              makes_lora=True)

@@ -1,0 +1,272 @@
+"""The one training loop, shared by every training stage (MLCD, LCD, finetune).
+
+A stage supplies an `Objective` (its math: the loss terms of one micro-batch, and optional updates of auxiliary
+models after the student's step) and a `TrainState` (named weights and named optimisers); `train` runs the
+steps, logs, checkpoints and resumes. Checkpointing is its own object, `CheckpointIO` (EDM2's pattern): it saves
+whatever has `state_dict`/`load_state_dict` and restores the latest complete checkpoint.
+
+The data order is a pure function of (seed, micro-batch index), so a resumed run sees exactly the batches an
+uninterrupted run would have seen. With an accelerator (several processes), rank r takes micro-batches
+r, r + world, ... of that order, gradients are averaged across ranks before each optimiser step, and only rank 0
+writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+import torch
+
+from .config import TrainerConfig
+from .progress import Reporter
+
+Terms = dict[str, torch.Tensor]  # named, already weighted loss terms; the student's loss is their sum
+
+
+class Objective(Protocol):
+    """A training stage's math. `batches(k)` yields micro-batches from global index k on; `loss` returns the
+    weighted terms whose sum the student minimises; `after_step` (optional work, e.g. a fake score model's or a
+    discriminator's update) runs after the student's optimiser step and returns terms to log."""
+
+    def batches(self, start: int) -> Iterator[Any]: ...
+
+    def loss(self, batch: Any) -> Terms: ...
+
+    def after_step(self, batch: Any, sync: GradSync) -> Terms: ...
+
+
+class ParamWeights:
+    """A named set of parameters (a LoRA adapter, say) with the state_dict interface checkpoints use."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]):
+        self.params = params
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.params.values())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().to("cpu").contiguous() for k, p in self.params.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.params):
+            raise KeyError(f"checkpoint has {len(state)} tensors, the model {len(self.params)}; keys differ")
+        for k, p in self.params.items():
+            p.copy_(state[k])
+
+
+@dataclass
+class TrainState:
+    """Everything a training run saves and restores. `weights["student"]` and `optimizers["student"]` are the
+    student's; other entries (a fake score adapter, discriminator heads) belong to the objective."""
+
+    weights: dict[str, Any]  # name -> object with state_dict()/load_state_dict() of tensors
+    optimizers: dict[str, torch.optim.Optimizer]
+    step: int = 0
+    log: list[dict] = field(default_factory=list)
+
+
+class CheckpointIO:
+    """TrainState checkpoints under {artifact}/checkpoints/step-N/ and resume from the latest.
+
+    Weights go to safetensors, optimiser states, step, RNG and log to a weights_only-safe torch file. Each
+    checkpoint is written in full (with its files' sha256) before `latest.json` points at it, so a kill mid-write
+    leaves the previous checkpoint in charge; older checkpoints beyond `keep` are removed after the pointer moves.
+    """
+
+    def __init__(self, art, keep: int = 2):
+        self.art, self.keep = art, keep
+
+    def save(self, state: TrainState) -> None:
+        from safetensors.torch import save as save_safetensors
+
+        d = f"checkpoints/step-{state.step:08d}"
+        tensors = {f"{name}.{k}": v.detach().to("cpu").contiguous()
+                   for name, w in state.weights.items() for k, v in w.state_dict().items()}
+        blob = save_safetensors(tensors)
+        buf = io.BytesIO()
+        torch.save({"optimizers": {k: o.state_dict() for k, o in state.optimizers.items()}, "step": state.step,
+                    "rng": torch.get_rng_state(), "log": json.dumps(state.log)}, buf)
+        sums = {}
+        for name, data in (("weights.safetensors", blob), ("state.pt", buf.getvalue())):
+            self.art.write_bytes(f"{d}/{name}", data)
+            sums[name] = hashlib.sha256(data).hexdigest()  # checked on resume
+        self.art.write_json("checkpoints/latest.json", {"step": state.step, "dir": d, "sha256": sums})
+        self._prune()
+
+    def _prune(self) -> None:
+        fs, root = self.art.fs, self.art.path("checkpoints")
+        try:
+            dirs = sorted(p for p in fs.ls(root, detail=False) if p.rstrip("/").split("/")[-1].startswith("step-"))
+        except FileNotFoundError:
+            return
+        for p in dirs[:-self.keep]:
+            fs.rm(p, recursive=True)
+
+    def latest(self) -> dict | None:
+        if not self.art.exists_file("checkpoints/latest.json"):
+            return None
+        return self.art.read_json("checkpoints/latest.json")
+
+    def _verified(self, info: dict, name: str) -> bytes:
+        """A checkpoint file's bytes, checked against the sha256 that latest.json recorded for it."""
+        from .store import CorruptArtifactError
+
+        data = self.art.read_bytes(f"{info['dir']}/{name}")
+        want = (info.get("sha256") or {}).get(name)
+        if want is not None and hashlib.sha256(data).hexdigest() != want:
+            raise CorruptArtifactError(
+                f"artifact {self.art.uri}: checkpoint file {info['dir']}/{name} fails its sha256 check (truncated "
+                f"or altered); it will not be used. Delete {self.art.uri}/checkpoints to restart this stage "
+                "from step 0, or the artifact folder to recompute it.")
+        return data
+
+    def load_latest(self, state: TrainState) -> bool:
+        """Restore `state` (and the torch RNG) from the latest checkpoint; False if there is none."""
+        from safetensors.torch import load as load_safetensors
+
+        from .store import CorruptArtifactError
+
+        info = self.latest()
+        if info is None:
+            return False
+        tensors = load_safetensors(self._verified(info, "weights.safetensors"))
+        try:
+            saved = torch.load(io.BytesIO(self._verified(info, "state.pt")), weights_only=True)
+        except CorruptArtifactError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the unpickler's refusal or a damaged file
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise CorruptArtifactError(
+                f"artifact {self.art.uri}: checkpoint file {info['dir']}/state.pt is not a plain tensor checkpoint "
+                f"(torch.load(weights_only=True) refused it: {first}); it is never unpickled. Delete "
+                f"{self.art.uri}/checkpoints to restart this stage from step 0.") from None
+        for name, w in state.weights.items():
+            w.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        for name, opt in state.optimizers.items():
+            opt.load_state_dict(saved["optimizers"][name])
+        torch.set_rng_state(saved["rng"])
+        state.step, state.log = int(saved["step"]), json.loads(saved["log"])
+        return True
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainerConfig) -> torch.optim.Optimizer:
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                             **({"fused": True} if fused else {}))
+
+
+def autocast_for(device: torch.device, dtype: str):
+    if device.type == "cuda" and dtype in ("bfloat16", "float16"):
+        return torch.autocast("cuda", dtype=getattr(torch, dtype))
+    return nullcontext()
+
+
+class GradSync:
+    """Averages gradients across data-parallel processes (a no-op in one process). The loop syncs the student's;
+    an objective syncs its auxiliary models' before their optimiser steps."""
+
+    def __init__(self, accelerator=None):
+        self.world = accelerator.num_processes if accelerator is not None else 1
+
+    def __call__(self, params: list[torch.nn.Parameter]) -> None:
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+                p.grad /= self.world
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            value = value.clone()
+            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM)
+            value /= self.world
+        return value
+
+
+@dataclass
+class TrainResult:
+    log: list[dict]
+    start_step: int
+    steps_per_second: float
+
+
+class _LogWindow:
+    """Loss terms summed on the device between log rows: one host sync per log interval, not per step."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def add(self, terms: Terms, scale: float = 1.0) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach() * scale
+
+    def row(self, step: int, lr: float, t0: float, sync: GradSync) -> dict:
+        values = {k: float(sync.mean(v / self.steps)) for k, v in self.sums.items()}
+        self.sums, self.steps = {}, 0
+        return {"step": step, **values, "lr": lr, "elapsed_s": round(time.perf_counter() - t0, 3)}
+
+
+def train(objective: Objective, state: TrainState, tcfg: TrainerConfig, *, name: str, ckpt: CheckpointIO,
+          reporter: Reporter, device: torch.device, dtype: str = "float32", accelerator=None) -> TrainResult:
+    """AdamW steps of the student with gradient accumulation, clipping, warmup, logging and resumable checkpoints.
+    A log row holds `loss` (the student's total) and, when there are several, each term."""
+    sync = GradSync(accelerator)
+    world, rank = sync.world, (accelerator.process_index if accelerator is not None else 0)
+    opt = state.optimizers["student"]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / tcfg.warmup) if tcfg.warmup else 1.0)
+    if ckpt.load_latest(state):
+        sched.last_epoch = state.step  # as after `step` scheduler steps; the lr itself came with the optimiser
+        reporter.log(f"{name}: resuming from checkpoint step {state.step}")
+    start, t0, window = state.step, time.perf_counter(), _LogWindow()
+    source = objective.batches(start * tcfg.grad_accum * world + rank)
+    micro = itertools.islice(source, 0, None, world)
+    if rank == 0:
+        reporter.progress(name, start, tcfg.iterations)  # the bar starts at the resumed step, rates stay true
+    while state.step < tcfg.iterations:
+        # 1) the student's gradient over grad_accum micro-batches (and over the ranks)
+        for _ in range(tcfg.grad_accum):
+            batch = next(micro)
+            with autocast_for(device, dtype):
+                terms = objective.loss(batch)
+                loss = sum(terms.values()) / tcfg.grad_accum
+            loss.backward()
+            window.add({"loss": loss.detach() * tcfg.grad_accum, **(terms if len(terms) > 1 else {})},
+                       1.0 / tcfg.grad_accum)
+        sync(params)
+        # 2) its optimiser step (clipped, warmed up)
+        if tcfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        # 3) whatever the objective updates after the student (fake score model, discriminator)
+        window.add(objective.after_step(batch, sync))
+        state.step += 1
+        window.steps += 1
+        # 4) bookkeeping: a log row, a progress update, a checkpoint
+        if state.step % tcfg.log_every == 0 or state.step == tcfg.iterations:
+            state.log.append(window.row(state.step, sched.get_last_lr()[0], t0, sync))
+            if rank == 0:
+                reporter.progress(name, state.step, tcfg.iterations,
+                                  **{k: v for k, v in state.log[-1].items() if k not in ("step", "lr", "elapsed_s")})
+        if state.step % tcfg.checkpoint_every == 0 and state.step < tcfg.iterations:
+            if rank == 0:
+                ckpt.save(state)
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
+    if hasattr(source, "close"):
+        source.close()  # stops a prefetch thread now, not whenever the generator is collected
+    elapsed = time.perf_counter() - t0
+    rate = (state.step - start) / elapsed if elapsed > 0 and state.step > start else 0.0
+    return TrainResult(state.log, start, rate)
