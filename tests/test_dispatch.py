@@ -198,23 +198,23 @@ def test_shard_runs_1_keeps_the_stage_in_one_run(fake):
 # ------------------------------------------------------------------------------------------------ the flow in process
 
 
-@pytest.mark.parametrize("name,message", [("lcd", "is not implemented yet"), ("mlcdd", "unknown stage"),
+@pytest.mark.parametrize("name,message", [("mlcdd", "unknown stage"), ("lcd", "not part of this config's pipeline"),
                                           ("mlcd", None)])
-def test_a_stage_deployment_never_completes_having_done_nothing(tmp_path, monkeypatch, name, message):
-    import flows.tlcm
-    from flows.tlcm import check_stage_names
+def test_a_stage_deployment_never_completes_having_done_nothing(tmp_path, name, message):
+    """A stage deployment asked for a stage the pipeline does not plan fails at once (plan_run, the front door every
+    entry point shares) rather than completing having done nothing."""
+    from tlcm_core.pipeline import PlanError, plan_run
 
-    # as long as tlcm_core lacked it, tlcm/lcd had to fail at once rather than complete having done nothing
-    monkeypatch.setattr(flows.tlcm, "implemented_stages", lambda: ["teacher-trajectories", "mlcd", "evaluate"])
-    p = plan(_cfg(tmp_path))
+    cfg = _cfg(tmp_path)
     if message is None:
-        check_stage_names(p, [name])
+        assert plan_run(cfg, [name], access="none").todo == [name]
     else:
-        with pytest.raises(ValueError, match=message):
-            check_stage_names(p, [name])
-    with pytest.raises(ValueError, match="not part of this config's pipeline"):
-        check_stage_names(plan(_cfg(tmp_path, "stages=[teacher-trajectories,mlcd]")), ["evaluate"])
-
+        with pytest.raises(PlanError, match=message):
+            plan_run(cfg, [name], access="none")
+    with pytest.raises(PlanError, match="not part of this config's pipeline"):
+        plan_run(_cfg(tmp_path, "stages=[teacher-trajectories,mlcd]"), ["evaluate"], access="none")
+    with pytest.raises(PlanError, match="not part of this config's pipeline"):
+        plan_run(_cfg(tmp_path, "stages=[teacher-trajectories,mlcd]"), force=["lcd"], access="none")
 
 
 FLOW_SCRIPT = """

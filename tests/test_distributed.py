@@ -9,15 +9,18 @@ from tlcm_core.pipeline import open_store, run_pipeline
 from tlcm_core.progress import SilentReporter
 
 
+def _overrides(teacher, tmp_path) -> list[str]:
+    return [f"teacher.source={teacher}", f"store.url={tmp_path / 'store'}", "trajectories.num_samples=32",
+            "trajectories.shard_size=16", "mlcd.iterations=4", "mlcd.batch_size=4", "mlcd.checkpoint_every=2",
+            "mlcd.log_every=2", "lora.rank=4", "compute.num_processes=2", "compute.device=cpu"]
+
+
 def test_mlcd_two_processes(tmp_path):
     from tlcm_core.toy.pipeline import build_toy_pipeline
 
     teacher = tmp_path / "tiny"
     build_toy_pipeline(seed=3).save_pretrained(teacher)
-    cfg = load_config("toy-fast", [
-        f"teacher.source={teacher}", f"store.url={tmp_path / 'store'}", "trajectories.num_samples=32",
-        "trajectories.shard_size=16", "mlcd.iterations=4", "mlcd.batch_size=4", "mlcd.checkpoint_every=2",
-        "mlcd.log_every=2", "lora.rank=4", "compute.num_processes=2", "compute.device=cpu"])
+    cfg = load_config("toy-fast", _overrides(teacher, tmp_path))
     traj, mlcd = run_pipeline(cfg, stages=["teacher-trajectories", "mlcd"], reporter=SilentReporter())
     assert mlcd.summary["num_processes"] == 2 and not mlcd.cached
     art = open_store(cfg).artifact("mlcd", mlcd.fingerprint)
@@ -27,3 +30,36 @@ def test_mlcd_two_processes(tmp_path):
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())  # it learned (B starts at zero)
     log = [json.loads(x) for x in art.read_bytes("train_log.jsonl").decode().splitlines()]
     assert [r["step"] for r in log] == [2, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    # data parallelism is gradient accumulation over the ranks: rank r takes micro-batches r, r + 2, ... and the
+    # gradients are averaged, so one process accumulating 2 micro-batches per step makes the same LoRA
+    one = load_config("toy-fast", [o.replace("compute.num_processes=2", "mlcd.grad_accum=2") for o in _overrides(
+        teacher, tmp_path)])
+    (single,) = run_pipeline(one, stages=["mlcd"], reporter=SilentReporter())
+    same = open_store(one).artifact("mlcd", single.fingerprint).load_tensors("lora.safetensors")
+    assert same.keys() == lora.keys()
+    for k in lora:
+        torch.testing.assert_close(same[k], lora[k], rtol=1e-4, atol=1e-6)
+
+
+def test_finetune_two_processes(tmp_path):
+    """Finetune is a training stage like the others: with compute.num_processes=2 it runs data-parallel, the
+    student's, the fake score model's and the discriminator's gradients averaged across the processes."""
+    from tlcm_core.lora import read_lora
+    from tlcm_core.toy.pipeline import build_toy_pipeline
+
+    teacher = tmp_path / "tiny"
+    build_toy_pipeline(seed=3).save_pretrained(teacher)
+    common = [f"teacher.source={teacher}", f"store.url={tmp_path / 'store'}", "trajectories.num_samples=32",
+              "trajectories.shard_size=16", "mlcd.iterations=2", "mlcd.batch_size=4", "lora.rank=4",
+              "compute.device=cpu", "stages=[teacher-trajectories,mlcd,finetune]", "finetune.iterations=2",
+              "finetune.batch_size=2", "finetune.q=1", "finetune.log_every=1", "finetune.reward_weight=1",
+              "finetune.dmd_weight=1", "finetune.gan_weight=0.1"]
+    cfg = load_config("toy-fast", common + ["compute.num_processes=2"])
+    _, mlcd, ft = run_pipeline(cfg, reporter=SilentReporter())
+    assert ft.stage == "finetune" and ft.summary["num_processes"] == 2 and not ft.cached
+    store = open_store(cfg)
+    log = [json.loads(x) for x in store.open_uri(ft.uri).read_bytes("train_log.jsonl").decode().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r[k])) for r in log for k in ("reward", "dmd", "gan_g", "fake", "gan_d"))
+    before, after = read_lora(store.open_uri(mlcd.uri)).state, read_lora(store.open_uri(ft.uri)).state
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)

@@ -263,7 +263,8 @@ def test_x0_recovered_from_cached_pair(local_store):
 
 def test_datafree_training_runs_and_reports_correlation(local_store, tiny_teacher, pixel_lpips):
     from tlcm_core.config import TeacherConfig
-    from tlcm_core.lpips_training import PAIR_KINDS, load_vae, train_latent_lpips_datafree, vae_decoder
+    from tlcm_core.lpips_training import PAIR_KINDS, train_latent_lpips_datafree
+    from tlcm_core.models import load_vae, vae_decoder
 
     art, sch, _ = _fake_trajectories(local_store)
     vae = load_vae(TeacherConfig(source=tiny_teacher), torch.device("cpu"))

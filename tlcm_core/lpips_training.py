@@ -22,7 +22,6 @@ import io
 import math
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import PipelineConfig
+from .models import encode_images
 from .losses import Distance
 from .losses.latent_lpips import LatentLPIPS, RankingHead, load_latent_lpips, twoafc_score
 from .progress import Reporter
@@ -37,44 +37,6 @@ from .progress import Reporter
 WEIGHTS_FILE = "latent_lpips.safetensors"
 PixelDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # images in [0, 1] -> (B,)
 PAIR_KINDS = ("noise", "mix", "blur", "shift")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The teacher's VAE
-
-
-def load_vae(teacher, device: torch.device):
-    """The teacher's AutoencoderKL alone, float32 (SDXL's VAE overflows in fp16), frozen."""
-    from diffusers import AutoencoderKL
-
-    from .models import quiet_hub_logging, resolve_teacher_source
-
-    quiet_hub_logging()
-    src = resolve_teacher_source(teacher)
-    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", revision=teacher.revision, dtype=torch.float32)
-    return vae.to(device).eval().requires_grad_(False)
-
-
-def vae_decoder(vae) -> Callable[[torch.Tensor], torch.Tensor]:
-    """latents (UNet scale) -> images in [0, 1], as models.decode_latents (which only needs `.vae`)."""
-    from .models import decode_latents
-
-    holder = SimpleNamespace(vae=vae)
-    return lambda z: decode_latents(holder, z.to(vae.device))
-
-
-@torch.no_grad()
-def encode_images(vae, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """images in [0, 1] (N, 3, H, W) -> latents at the UNet's scale (the mean of the VAE posterior)."""
-    p = next(vae.parameters())
-    sf = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(p.device, p.dtype) * 2 - 1
-        z = vae.encode(x).latent_dist.mean
-        out.append(((z - shift) * sf).float().cpu())
-    return torch.cat(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 from ..losses.latent_lpips import load_latent_lpips, save_latent_lpips
-from ..lpips_training import (WEIGHTS_FILE, _latent_mse, bapps_splits, load_vae, make_pixel_distance, score_2afc,
-                              train_latent_lpips_2afc, train_latent_lpips_datafree, vae_decoder)
-from ..models import load_schedule, resolve_device, setup_threads
+from ..lpips_training import (WEIGHTS_FILE, _latent_mse, bapps_splits, make_pixel_distance, score_2afc,
+                              train_latent_lpips_2afc, train_latent_lpips_datafree)
+from ..models import load_schedule, load_vae, resolve_device, setup_threads, vae_decoder
 from ..stage import Stage, StageContext
 
 
