@@ -163,3 +163,35 @@ def test_fingerprints_follow_the_declared_reads():
         {s: p.fingerprint for s, p in base.stages.items()}
     evaluate_only = plan(load_config("toy-fast", [stages, "evaluate.num_samples=8"]))
     assert [s for s in base.stages if evaluate_only[s].fingerprint != base[s].fingerprint] == ["evaluate"]
+
+
+@pytest.mark.slow
+def test_every_stage_reads_exactly_what_it_declares(tmp_path, monkeypatch):
+    """All eight stages on a tiny toy run (latent LPIPS as MLCD's distance, every finetune term, every export
+    format): no stage reads a config path it did not declare (the view would raise), and every declared read is
+    used (a stale declaration would hash a setting that changes nothing)."""
+    import tlcm_core.pipeline as pipeline
+    from tlcm_core.config import STAGES, load_config
+    from tlcm_core.progress import SilentReporter
+    from tlcm_core.stage import config_view
+    from tlcm_core.stages import REGISTRY
+
+    seen: dict[str, set[str]] = {}
+    monkeypatch.setattr(pipeline, "config_view", lambda stage, cfg: config_view(stage, cfg,
+                                                                                seen.setdefault(stage.name, set())))
+    cfg = load_config("toy-fast", [
+        f"store.url={tmp_path}", f"stages=[{','.join(STAGES)}]", "trajectories.num_samples=64",
+        "trajectories.shard_size=32", "mlcd.iterations=2", "mlcd.distance=latent-lpips", "latent_lpips.steps=2",
+        "latent_lpips.num_pairs=32", "latent_lpips.batch_size=8", "latent_lpips.width=0.0625",
+        "lcd_trajectories.num_samples=16", "lcd_trajectories.shard_size=16", "lcd.iterations=2", "lcd.distance=huber",
+        "finetune.iterations=2", "finetune.batch_size=2", "finetune.q=1", "finetune.reward_weight=1",
+        "finetune.dmd_weight=1", "finetune.gan_weight=0.1", "finetune.gan_real=teacher", "finetune.gan_real_pool=4",
+        "finetune.gan_real_steps=2", "evaluate.steps=[1]", "evaluate.teacher_steps=[2]", "evaluate.num_samples=8",
+        "evaluate.grid_size=0", "export.formats=[diffusers,kohya,peft]"])
+    results = pipeline.run_pipeline(cfg, reporter=SilentReporter())
+    assert [r.stage for r in results] == list(STAGES) and not any(r.cached for r in results)
+    gpu_only = {"compute.dtype"}  # half precision and autocast apply on accelerators only
+    unused = {name: [r for r in stage.reads_for(cfg) if r not in gpu_only
+                     and not any(p == r or p.startswith(r + ".") for p in seen[name])]
+              for name, stage in REGISTRY.items()}
+    assert not {k: v for k, v in unused.items() if v}, f"declared reads never made: {unused}"

@@ -151,11 +151,12 @@ def execute(stage: Stage, cfg: PipelineConfig, inputs: dict, out, reporter: Repo
             shards: list[int] | None = None) -> dict:
     """Run a stage's code on its declared view of the config: data-parallel in compute.num_processes processes for
     a training stage (launched here, at the stage boundary), else in this process."""
-    if stage.trains and cfg.compute.num_processes > 1:
+    view = config_view(stage, cfg)
+    if stage.trains and view.compute.num_processes > 1:
         from .distributed import launch
 
         return launch(cfg, stage.name, inputs, out)
-    return stage.run(StageContext(config_view(stage, cfg), inputs, out, reporter, shards))
+    return stage.run(StageContext(view, inputs, out, reporter, shards))
 
 
 def run_stage(cfg: PipelineConfig, name: str, store: ArtifactStore | None = None, reporter: Reporter | None = None,

@@ -114,19 +114,23 @@ class ConfigView:
     """Attribute access to a config limited to declared paths: a declared section is returned as is, a section of
     which only some fields are declared as a view of those fields, anything else raises UndeclaredConfigRead."""
 
-    def __init__(self, target: Any, allowed: tuple[str, ...], stage: str, prefix: str = ""):
+    def __init__(self, target: Any, allowed: tuple[str, ...], stage: str, prefix: str = "",
+                 seen: set[str] | None = None):
         object.__setattr__(self, "_target", target)
         object.__setattr__(self, "_allowed", allowed)
         object.__setattr__(self, "_stage", stage)
         object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "_seen", seen)  # when given, collects every path read (tests/test_layout.py)
 
     def __getattr__(self, name: str) -> Any:
         path = self._prefix + name
         value = getattr(self._target, name)
         if any(path == a or path.startswith(a + ".") for a in self._allowed):
+            if self._seen is not None:
+                self._seen.add(path)
             return value
         if any(a.startswith(path + ".") for a in self._allowed):
-            return ConfigView(value, self._allowed, self._stage, path + ".")
+            return ConfigView(value, self._allowed, self._stage, path + ".", self._seen)
         raise UndeclaredConfigRead(
             f"stage {self._stage!r} read config field {path!r}, which its Stage declaration does not list; add it to "
             "`reads` (if it changes the output) or `uses` (bookkeeping) in the stage's module")
@@ -135,8 +139,9 @@ class ConfigView:
         raise AttributeError("a stage's config is read-only")
 
 
-def config_view(stage: Stage, cfg: PipelineConfig) -> PipelineConfig:
-    return ConfigView(cfg, stage.reads_for(cfg) + tuple(stage.uses) + ALWAYS_READABLE, stage.name)  # type: ignore
+def config_view(stage: Stage, cfg: PipelineConfig, seen: set[str] | None = None) -> PipelineConfig:
+    allowed = stage.reads_for(cfg) + tuple(stage.uses) + ALWAYS_READABLE
+    return ConfigView(cfg, allowed, stage.name, seen=seen)  # type: ignore[return-value]
 
 
 class StageInputError(UserError):

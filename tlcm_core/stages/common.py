@@ -7,8 +7,9 @@ from typing import Callable
 
 from ..config import STAGES, PipelineConfig
 
-# the config paths every training stage's output depends on besides its own section
-TRAINER_READS = ("teacher", "lora", "schedule", "compute.seed", "compute.dtype", "compute.num_processes")
+# the config paths every training stage's output depends on besides its own section (compute.dtype matters on GPUs,
+# compute.num_processes is the data-parallel world size)
+TRAINER_READS = ("teacher", "lora", "compute.seed", "compute.dtype", "compute.num_processes")
 LORA_STAGES = ("mlcd", "lcd", "finetune")
 
 

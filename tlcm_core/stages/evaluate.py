@@ -31,6 +31,10 @@ def _inputs(cfg) -> dict[str, str]:
     return {"lora": stage} if stage else {}
 
 
-STAGE = Stage("evaluate", version=2, run=run, inputs=_inputs,
-              reads=("teacher", "evaluate", "schedule", "lora", "trajectories.prompts", "compute.seed",
-                     "compute.dtype"))
+def _reads(cfg) -> tuple[str, ...]:
+    # evaluation prompts: the captions file, else the toy world's prompts, else the training prompts
+    prompts = () if cfg.evaluate.metrics.captions or cfg.teacher.toy_world else ("trajectories.prompts",)
+    return ("teacher", "evaluate", "schedule", "lora", "compute.dtype", *prompts)
+
+
+STAGE = Stage("evaluate", version=2, run=run, inputs=_inputs, reads=_reads)

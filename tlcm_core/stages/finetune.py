@@ -295,6 +295,6 @@ def _inputs(cfg: PipelineConfig) -> dict[str, str]:
     return {"init": stage}
 
 
-STAGE = Stage("finetune", version=2, run=run, reads=("finetune", *TRAINER_READS, "trajectories.prompts"),
+STAGE = Stage("finetune", version=2, run=run, reads=("finetune", *TRAINER_READS, "schedule", "trajectories.prompts"),
               uses=("finetune.log_every", "finetune.checkpoint_every"), inputs=_inputs, trains=True,
               makes_lora=True)
