@@ -19,6 +19,8 @@ import signal
 import sys
 import threading
 
+from tlcm_core.errors import UserError
+
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="toy", help="preset name (toy, toy-fast, toy-hard, toy-hard-fast, sdxl, sd15) or a YAML path")
@@ -29,20 +31,24 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from flows.tlcm import resolve_config
+    from tlcm_core.config import resolve_config  # not flows.tlcm: eval/export/artifacts never import Prefect
 
     return resolve_config(args.config, args.store, args.overrides)
 
 
+def _check_before_prefect(cfg, stages: list[str] | None, force: list[str] | None) -> None:
+    """Everything a run can be refused for (stage names, store access, what the stages will need), before Prefect
+    is imported or started: the same `plan_run` the flow, dispatch and run_pipeline start with. Raises UserError."""
+    from tlcm_core.pipeline import plan_run
+
+    # a deployments dispatcher only reads manifests; its workers write
+    plan_run(cfg, stages, force, access="read" if cfg.dispatch == "deployments" else "write")
+
+
 def cmd_distill(args) -> int:
     cfg = _load(args)  # validate before Prefect starts
-    from tlcm_core.pipeline import plan
-
-    p = plan(cfg)
-    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
-    for s in (stages or []) + (args.force or []):
-        if s not in p.stages:
-            raise SystemExit(f"error: stage {s!r} is not part of this pipeline; its stages: {', '.join(p.stages)}")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    _check_before_prefect(cfg, stages, args.force)
     from flows.tlcm import tlcm
 
     results = tlcm(config=cfg.model_dump(mode="json"), stages=stages, force=args.force or None,
@@ -54,53 +60,43 @@ def cmd_distill(args) -> int:
             print(f"{r['stage']:>22}: {'cache hit' if r['cached'] else 'computed '}  {r['uri']}")
         ev = next((r for r in results if r["stage"] == "evaluate"), None)
         if ev:
-            from tlcm_core.evaluate import markdown_table
+            from tlcm_core.evaluation import markdown_table
 
             print(markdown_table(ev["summary"]["rows"]))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from tlcm_core.evaluate import evaluate_rows, markdown_table
-    from tlcm_core.lora import check_lora
+    from tlcm_core.lora import check_lora, read_lora
     from tlcm_core.models import setup_threads, teacher_identity
-    from tlcm_core.progress import Reporter
 
     if args.samples:
         args.overrides.append(f"evaluate.num_samples={args.samples}")
     if args.sampler:
         args.overrides.append(f"evaluate.sampler={args.sampler}")
     cfg = _load(args)
-    setup_threads(cfg.compute)
-    steps = [int(s) for s in args.steps.split(",")]
+    steps = _int_list("--steps", args.steps)
+    teacher_steps = _int_list("--teacher-steps", args.teacher_steps) if args.teacher_steps else None
     lora = None
-    if args.lora != "none":
-        lora, metadata, where = read_lora_file(args.lora)
-        check_lora(lora, metadata, cfg.lora, teacher_identity(cfg.teacher), where=where)
-    teacher_steps = [int(s) for s in args.teacher_steps.split(",")] if args.teacher_steps else None
+    if args.lora != "none":  # refused (missing, unreadable, wrong rank, other base model) before the teacher loads
+        lf = read_lora(args.lora)  # first the file alone: the teacher's identity hashes its weights
+        check_lora(lf.state, lf.metadata, cfg.lora, teacher_identity(cfg.teacher), where=lf.url)
+        lora = lf.state
+    from tlcm_core.evaluation import evaluate_rows, markdown_table
+    from tlcm_core.progress import Reporter
+
+    setup_threads(cfg.compute)
     rows = evaluate_rows(cfg, lora, steps, Reporter(bars=not args.json and sys.stderr.isatty()),
                          include_teacher_steps=teacher_steps)
     print(json.dumps(rows, indent=2) if args.json else markdown_table(rows))
     return 0
 
 
-def read_lora_file(ref: str) -> tuple[dict, dict, str]:
-    """(tensors, metadata, url) of a LoRA given as a .safetensors path/URL or an artifact folder URI."""
-    import fsspec
-    from safetensors.torch import load
-
-    url = ref if ref.endswith(".safetensors") else ref.rstrip("/") + "/lora.safetensors"
+def _int_list(flag: str, text: str) -> list[int]:
     try:
-        with fsspec.open(url, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise SystemExit(f"error: no LoRA at {url}") from None
-    try:
-        tensors = load(raw)
-        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
-    except Exception as e:
-        raise SystemExit(f"error: {url} is not a readable safetensors file ({e})") from None
-    return tensors, header.get("__metadata__", {}), url
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} {text}: expected comma-separated whole numbers, e.g. {flag} 1,2,4") from None
 
 
 def cmd_artifacts(args) -> int:
@@ -122,7 +118,8 @@ def cmd_artifacts(args) -> int:
                 print(f"no complete artifacts under {url}")
         return 0
     if not args.uri:
-        raise SystemExit("error: tlcm artifacts show needs an artifact URI (or STAGE/FINGERPRINT)")
+        raise UserError("tlcm artifacts show needs an artifact URI (or STAGE/FINGERPRINT), e.g. "
+                        "`tlcm artifacts show mlcd/<fingerprint>`; `tlcm artifacts ls` lists them")
     art = store.open_uri(args.uri) if "/" in args.uri and (args.uri.startswith(url) or "://" in args.uri) \
         else store.artifact(*args.uri.split("/", 1))
     m = art.manifest(verify="checksum" if args.verify else "size")
@@ -201,7 +198,13 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
+# Seconds Prefect's temporary API server may take to answer (Prefect's default, 20 s, is too short for a busy 2-core
+# laptop with a fresh PREFECT_HOME: measured 27-32 s there, as the server first creates and migrates its database).
+from flows import EPHEMERAL_STARTUP_TIMEOUT_S, prefect_startup_env as _prefect_startup_env  # noqa: E402,F401
+
+
 def main(argv: list[str] | None = None) -> int:
+    _prefect_startup_env()  # before anything imports Prefect
     args = build_parser().parse_args(argv)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main else None
@@ -215,22 +218,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from tlcm_core.config import ConfigError
-    from tlcm_core.export import ExportError
-    from tlcm_core.lora import LoRAError
-    from tlcm_core.losses.latent_lpips import LatentLPIPSWeightsError
-    from tlcm_core.metrics import MetricsError
-    from tlcm_core.models import TeacherError
-    from tlcm_core.pipeline import StageInputError
-    from tlcm_core.prompts import PromptsError
-    from tlcm_core.rewards import RewardError
-    from tlcm_core.store import StoreError
-
-    user_errors = (ConfigError, PromptsError, TeacherError, LoRAError, StoreError, StageInputError, MetricsError,
-                   ExportError, RewardError, LatentLPIPSWeightsError)
     try:
         return args.func(args)
-    except user_errors as e:  # bad input or an unusable artifact: say what to fix, no traceback
+    except UserError as e:  # bad input or an unusable artifact: say what to fix, no traceback (tlcm_core/errors.py)
         print(f"error: {e}", file=sys.stderr)
         return 2
 

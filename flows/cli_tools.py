@@ -11,26 +11,22 @@ import json
 import re
 import sys
 
+from tlcm_core.errors import UserError
 
-def _lora_or_exit(ref: str):
-    from tlcm_core.generate import read_lora
-    from tlcm_core.lora import LoRAError
-
-    try:
-        return read_lora(ref)
-    except LoRAError as e:
-        raise SystemExit(f"error: {e}") from None
+# User errors (tlcm_core.errors.UserError: a bad LoRA, prompts file or export option) propagate to flows/cli.py's
+# main, which prints them as one `error: ...` line and exits 2.
 
 
 def cmd_export(args) -> int:
-    from flows.cli import _load
-    from tlcm_core.export import ExportError, base_configs, export_files, write_files
-    from tlcm_core.generate import _read, base_teacher
+    from tlcm_core.config import resolve_config
+    from tlcm_core.generate import base_teacher
+    from tlcm_core.lora import _read, read_lora
+    from tlcm_core.lora_files import base_configs, export_files, write_files
 
     if args.formats:
         args.overrides.append(f"export.formats=[{args.formats}]")
-    cfg = _load(args)
-    lf = _lora_or_exit(args.lora)
+    cfg = resolve_config(args.config, args.store, args.overrides)
+    lf = read_lora(args.lora)
     teacher = base_teacher(lf, args.base)
     unet_config, sched_config = base_configs(teacher)
     root = args.lora.rstrip("/")
@@ -42,12 +38,9 @@ def cmd_export(args) -> int:
                     "summary": m.get("summary")}
     metrics = json.loads(_read(args.metrics) or b"null") if args.metrics else None
     segments = lf.segments or cfg.schedule.segments
-    try:
-        files = export_files(lf.state, lf.metadata, list(cfg.export.formats), unet_config, sched_config,
-                             segments=segments, sampler=cfg.export.sampler, steps=cfg.export.steps,
-                             kohya_naming=cfg.export.kohya_naming, training=training, metrics=metrics, where=lf.url)
-    except ExportError as e:
-        raise SystemExit(f"error: {e}") from None
+    files = export_files(lf.state, lf.metadata, list(cfg.export.formats), unet_config, sched_config,
+                         segments=segments, sampler=cfg.export.sampler, steps=cfg.export.steps,
+                         kohya_naming=cfg.export.kohya_naming, training=training, metrics=metrics, where=lf.url)
     for url in write_files(files, args.out):
         print(url)
     return 0
@@ -73,24 +66,18 @@ def _save_png(image, url: str) -> None:
 
 def cmd_generate(args) -> int:
     from tlcm_core.generate import base_teacher, check_base, generate, image_grid, upscale_for_viewing
-    from tlcm_core.lora import LoRAError
-    from tlcm_core.prompts import PromptsError, load_prompts
+    from tlcm_core.lora import read_lora
+    from tlcm_core.prompts import load_prompts
 
     prompts = list(args.prompt or [])
     if args.prompts:
-        try:
-            prompts += load_prompts(args.prompts)
-        except PromptsError as e:
-            raise SystemExit(f"error: {e}") from None
+        prompts += load_prompts(args.prompts)
     if not prompts:
-        raise SystemExit("error: give --prompt TEXT (repeatable) and/or --prompts FILE")
-    lf = _lora_or_exit(args.lora)
+        raise UserError("tlcm generate has no prompt: give --prompt TEXT (repeatable) and/or --prompts FILE")
+    lf = read_lora(args.lora)
     teacher = base_teacher(lf, args.base, args.resolution)
     if args.base is None:
-        try:
-            check_base(lf, teacher)
-        except LoRAError as e:
-            raise SystemExit(f"error: {e}") from None
+        check_base(lf, teacher)
     elif lf.base.get("source") not in (None, args.base):
         print(f"note: {lf.url} was trained on {lf.base.get('source')}; generating with --base {args.base}",
               file=sys.stderr)
@@ -100,7 +87,9 @@ def cmd_generate(args) -> int:
         images = generate(teacher, lf.state, prompts, args.steps, args.seed, lora=lf.config, segments=segments,
                           sampler=sampler, batch_size=args.batch_size, device=args.device)
     except ValueError as e:  # e.g. more steps than segments
-        raise SystemExit(f"error: {e}") from None
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"tlcm generate --steps {args.steps} --segments {segments}: {e}") from None
     shown = [upscale_for_viewing(im, factor=args.scale) for im in images] if args.scale != 1 else images
     out = args.out
     written = []

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import S3_SECRET
 from test_faults import MLCD, fault_config, ref_artifact, reference, tiny_teacher_dir
+from tlcm_core.pipeline import PlanError
 
 from tlcm_core.config import ConfigError, load_config
 from tlcm_core.lora import LoRAError, check_lora, load_lora_into
@@ -326,7 +327,7 @@ def test_later_stage_needs_are_checked_before_the_first_stage(tmp_path):
     with pytest.raises(RewardError, match="allow_pickle"):
         run_pipeline(cfg)
     cfg = load_config("toy-fast", [f"store.url={tmp_path}", stages,
-                                   f"evaluate.metrics.captions={tmp_path / 'captions.txt'}"])
-    with pytest.raises(FileNotFoundError, match="captions"):
+                                   "evaluate.metrics.kind=real", f"evaluate.metrics.captions={tmp_path / 'captions.txt'}"])
+    with pytest.raises(PlanError, match="captions"):
         run_pipeline(cfg)
     assert not any(tmp_path.rglob("manifest.json")) and not any(tmp_path.rglob("x_hi"))  # nothing started

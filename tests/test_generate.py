@@ -143,7 +143,7 @@ def test_generate_cli_writes_pngs(tmp_path):
     assert Image.open(tmp_path / "out" / "000-a-red-circle.png").size == (32, 32)
 
 
-def test_generate_refuses_a_changed_base(tmp_path):
+def test_generate_refuses_a_changed_base(tmp_path, capsys):
     from flows.cli import main
 
     state, meta = trained_lora()
@@ -151,9 +151,10 @@ def test_generate_refuses_a_changed_base(tmp_path):
     # as a toy LoRA whose teacher was retrained since: the recorded content hash no longer matches
     meta = {**meta, "base_model": json.dumps({**base, "content": "0123456789abcdef"})}
     save_file(state, tmp_path / "lora.safetensors", metadata=meta)
-    with pytest.raises(SystemExit, match="pass --base explicitly"):
-        main(["generate", "--lora", str(tmp_path / "lora.safetensors"), "--prompt", "x", "--out",
-              str(tmp_path / "x.png")])
+    assert main(["generate", "--lora", str(tmp_path / "lora.safetensors"), "--prompt", "x", "--out",
+                 str(tmp_path / "x.png")]) == 2  # a UserError: one `error:` line, exit 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "pass --base explicitly" in err and "Traceback" not in err
     assert main(["generate", "--lora", str(tmp_path / "lora.safetensors"), "--prompt", "x", "--steps", "1",
                  "--base", base["source"], "--out", str(tmp_path / "x.png")]) == 0
     with pytest.raises(LoRAError, match="no TLCM LoRA"):

@@ -23,10 +23,22 @@ from .samplers import ddim_sample, student_x0_fn, teacher_x0_fn, tlcm_sample
 from .schedule import NoiseSchedule, ddim_timesteps, milestones, sampler_timesteps
 
 
+def metrics_kind(cfg: PipelineConfig) -> str:
+    """toy, real or none: evaluate.metrics.kind with auto resolved (toy in a toy world, else real when captions are
+    given). The captions file is read only for the real metrics."""
+    m = cfg.evaluate.metrics
+    return m.kind if m.kind != "auto" else ("toy" if cfg.teacher.toy_world else "real" if m.captions else "none")
+
+
+def uses_captions(cfg: PipelineConfig) -> bool:
+    return metrics_kind(cfg) == "real" and bool(cfg.evaluate.metrics.captions)
+
+
 def eval_prompts(cfg: PipelineConfig) -> list[str]:
+    """The evaluation prompts: the captions for the real metrics, else the toy world's, else the training prompts."""
     from .prompts import load_prompts
 
-    if cfg.evaluate.metrics.captions:  # e.g. COCO-2017 val captions for the real metrics
+    if uses_captions(cfg):  # e.g. COCO-2017 val captions for the real metrics
         from .metrics import load_captions
 
         return load_captions(cfg.evaluate.metrics.captions)
@@ -166,8 +178,7 @@ class ToyMetrics:
 def metrics_for(cfg: PipelineConfig, device: torch.device):
     """ToyMetrics in a toy world, the field's metrics (tlcm_core.metrics.RealMetrics) for real teachers, or None
     (timing only) -- evaluate.metrics.kind; auto = toy in a toy world, else real when captions are given."""
-    m, ev, world = cfg.evaluate.metrics, cfg.evaluate, cfg.teacher.toy_world
-    kind = m.kind if m.kind != "auto" else ("toy" if world else "real" if m.captions else "none")
+    m, ev, world, kind = cfg.evaluate.metrics, cfg.evaluate, cfg.teacher.toy_world, metrics_kind(cfg)
     if kind == "toy":
         if not world:
             raise ValueError(f"evaluate.metrics.kind=toy needs a toy teacher, not {cfg.teacher.source!r}")

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .config import LoRAConfig, TeacherConfig, toy_world
+from .errors import UserError
 from .lora import check_lora, lora_metadata
 
 DIFFUSERS_FILE = "diffusers/pytorch_lora_weights.safetensors"
@@ -37,7 +38,7 @@ SCHEDULER_SOURCE = "scheduler/scheduling_tlcm.py"
 MODEL_CARD = "README.md"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     pass
 
 

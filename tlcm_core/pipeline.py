@@ -98,20 +98,22 @@ def plan_run(cfg: PipelineConfig, stages: list[str] | None = None, force: list[s
     """Validate stage names and --force against the pipeline, plan every fingerprint, run the preflight checks of
     what the stages will use and probe the store (`access`: what this process will do there; a dispatcher only
     reads manifests). Whatever is wrong is one clear error before any model work."""
-    p = plan(cfg)
-    for s in list(stages or []) + list(force or []):
+    named = [("--stages", s) for s in stages or []] + [("--force", s) for s in force or []]
+    for flag, s in named:  # the cheap checks first: planning reads the prompts and hashes the teacher
         if s not in STAGES:
-            raise PlanError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
+            raise PlanError(f"{flag} {s}: unknown stage {s!r}; stages: {', '.join(STAGES)}")
+    if access != "none":
+        open_store(cfg).check_access(write=access == "write")
+    p = plan(cfg)
+    for flag, s in named:
         if s not in p.stages:
-            raise PlanError(f"stage {s!r} is not part of this config's pipeline ({', '.join(p.stages)}); add it to "
-                            "the config's `stages`")
+            raise PlanError(f"{flag} {s}: stage {s!r} is not part of this config's pipeline ({', '.join(p.stages)}); "
+                            "add it to the config's `stages`")
     todo = [s for s in p.stages if s in (stages or cfg.stages)]
     forced: set[str] = set()
     for f in force or []:
         forced.update(p.dependents(f))
     preflight(cfg, todo)
-    if access != "none":
-        open_store(cfg).check_access(write=access == "write")
     return RunPlan(cfg, p, todo, forced)
 
 
@@ -230,8 +232,10 @@ def preflight(cfg: PipelineConfig, stages: list[str]) -> None:
 
             if not os.path.isfile(fc.reward_model):
                 raise RewardError(f"finetune.reward_model={fc.reward_model!r}: no such file")
+    from .evaluation import uses_captions
+
     captions = cfg.evaluate.metrics.captions
-    if "evaluate" in stages and captions and cfg.evaluate.metrics.kind != "none":
+    if "evaluate" in stages and uses_captions(cfg):
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(captions)

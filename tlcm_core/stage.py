@@ -92,12 +92,19 @@ def _dump(cfg: PipelineConfig, path: str) -> Any:
     return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
 
 
+DERIVED = ("teacher", "trajectories.prompts")
+
+
 def config_slice(stage: Stage, cfg: PipelineConfig) -> dict[str, Any]:
-    """The part of the config that determines the stage's output: its declared reads, less its bookkeeping uses."""
+    """The part of the config that determines the stage's output: its declared reads (derived values in place of
+    the fields they stand for, also inside a declared section), less its bookkeeping uses."""
     out: dict[str, Any] = {}
     for path in stage.reads_for(cfg):
         derived = _derived(cfg, path)
         value = derived if derived is not None else _dump(cfg, path)
+        for d in DERIVED:  # e.g. reads=("trajectories",): hash the prompts' digest, not the file's location
+            if d.startswith(path + "."):
+                value[d[len(path) + 1:]] = _derived(cfg, d)
         if isinstance(value, dict):
             for use in stage.uses:
                 if use.startswith(path + "."):
@@ -144,5 +151,5 @@ def config_view(stage: Stage, cfg: PipelineConfig, seen: set[str] | None = None)
     return ConfigView(cfg, allowed, stage.name, seen=seen)  # type: ignore[return-value]
 
 
-class StageInputError(UserError):
+class StageInputError(UserError, RuntimeError):
     """An input artifact a stage needs is not there (or not complete)."""

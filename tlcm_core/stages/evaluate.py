@@ -4,7 +4,7 @@ tlcm_core/evaluation.py)."""
 
 from __future__ import annotations
 
-from ..evaluation import evaluate_rows, markdown_table
+from ..evaluation import evaluate_rows, markdown_table, uses_captions
 from ..lora import read_lora
 from ..models import teacher_identity
 from ..stage import Stage, StageContext
@@ -33,7 +33,7 @@ def _inputs(cfg) -> dict[str, str]:
 
 def _reads(cfg) -> tuple[str, ...]:
     # evaluation prompts: the captions file, else the toy world's prompts, else the training prompts
-    prompts = () if cfg.evaluate.metrics.captions or cfg.teacher.toy_world else ("trajectories.prompts",)
+    prompts = () if uses_captions(cfg) or cfg.teacher.toy_world else ("trajectories.prompts",)
     return ("teacher", "evaluate", "schedule", "lora", "compute.dtype", *prompts)
 
 
