@@ -15,9 +15,11 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -30,8 +32,8 @@ from conftest import S3_SECRET, free_port
 from tlcm_core.config import load_config
 from tlcm_core.pipeline import open_store, plan, run_pipeline
 from tlcm_core.progress import Reporter, SilentReporter
-from tlcm_core.store import Artifact, ArtifactStore, CorruptArtifactError, StoreUnavailableError
-from tlcm_core.trajectories import sample_seed
+from tlcm_core.store import Artifact, ArtifactStore, CorruptArtifactError, RetryPolicy, StoreUnavailableError
+from tlcm_core.pairs import sample_seed
 
 TRAJ, MLCD = "teacher-trajectories", "mlcd"
 N, SHARD = 48, 16  # 3 shards
@@ -164,7 +166,11 @@ def hang(signal_file: str | Path) -> None:
 class TcpProxy:
     """A TCP forwarder in front of the S3 endpoint that can be cut: stop() closes the listening port (new
     connections are refused) and drops every open connection mid-request, start() listens again on the same port.
-    Unlike restarting moto, the data behind it survives."""
+    Unlike restarting moto, the data behind it survives.
+
+    Outages that must be *met* by the code under test end on what was observed, never on a clock: go_down() drops
+    every open connection and refuses new ones until come_back(); freeze(n, pause, resume) pauses the server and
+    resumes it once n request chunks have reached it."""
 
     def __init__(self, target_port: int):
         self.target = ("127.0.0.1", target_port)
@@ -173,6 +179,13 @@ class TcpProxy:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self.refused = 0  # connections refused since the last go_down()
+        self.down = False
+        self.back_up = threading.Event()  # set by come_back()
+        self.frozen_requests = 0  # request chunks that reached the server during the current/last freeze()
+        self._freeze_left = 0
+        self._resume = None
+        self.thawed = threading.Event()  # set when freeze()'s freeze is over
 
     @property
     def url(self) -> str:
@@ -197,6 +210,13 @@ class TcpProxy:
                 continue
             except OSError:
                 return
+            with self._lock:
+                refuse = self.down
+                self.refused += refuse
+            if refuse:  # down: reset the connection before reading a byte of the request
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                c.close()
+                continue
             c.settimeout(None)
             try:
                 u = socket.create_connection(self.target)
@@ -205,13 +225,16 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._conns.update((c, u))
-            for a, b in ((c, u), (u, c)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, upstream in ((c, u, True), (u, c, False)):
+                threading.Thread(target=self._pipe, args=(a, b, upstream), daemon=True).start()
 
-    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
+    def _pipe(self, a: socket.socket, b: socket.socket, upstream: bool) -> None:
         try:
             while data := a.recv(65536):
+                frozen = upstream and self._freeze_left > 0  # freeze() paused the server before arming this
                 b.sendall(data)
+                if frozen:
+                    self._reached_frozen_server()
         except OSError:
             pass
         finally:
@@ -226,6 +249,9 @@ class TcpProxy:
         for t in self._threads:
             t.join(timeout=5)
         self._threads.clear()
+        self._drop_connections()
+
+    def _drop_connections(self) -> None:
         with self._lock:
             conns, self._conns = self._conns, set()
         for s in conns:
@@ -233,6 +259,40 @@ class TcpProxy:
                 s.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 s.close()
+
+    def go_down(self) -> None:
+        """The endpoint goes away until come_back(): every open connection is dropped mid-request and every new one
+        is refused (reset on accept, counted in `refused`), while the port stays ours."""
+        assert self._lsock is not None
+        with self._lock:
+            self.refused, self.down = 0, True
+            self.back_up.clear()
+        self._drop_connections()
+
+    def come_back(self) -> None:
+        with self._lock:
+            self.down = False
+            self.back_up.set()
+
+    def freeze(self, until_requests: int, pause, resume) -> None:
+        """pause() the server (connections hang, nothing is lost) and resume() it once `until_requests` request
+        chunks have been forwarded to it while paused: the code under test is then waiting on the frozen server."""
+        assert until_requests > 0
+        with self._lock:
+            self.frozen_requests, self._resume = 0, resume
+            self.thawed.clear()
+            pause()
+            self._freeze_left = until_requests  # armed only once the server is paused
+
+    def _reached_frozen_server(self) -> None:
+        with self._lock:
+            if self._freeze_left <= 0:
+                return
+            self.frozen_requests += 1
+            self._freeze_left -= 1
+            if self._freeze_left == 0:
+                self._resume()
+                self.thawed.set()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,7 +327,7 @@ def test_sigkill_during_a_trajectory_shard_then_rerun_matches_an_uninterrupted_r
         assert p.exitcode == -signal.SIGKILL
     assert not art.exists() and art.exists_file("_lease.json")  # killed: no manifest, a dead worker's lease
 
-    import tlcm_core.trajectories as traj
+    import tlcm_core.stages.teacher_trajectories as traj
 
     computed, real = [], traj.compute_shard
     monkeypatch.setattr(traj, "compute_shard", lambda *a, **k: computed.append(a[4]) or real(*a, **k))
@@ -377,34 +437,52 @@ def test_s3_endpoint_down_then_frozen_mid_stage_is_retried_with_backoff_and_the_
     reference()
     monkeypatch.setenv("TLCM_STORE_RETRY_TOTAL_S", "60")
     cfg = fault_config(f"s3://{s3_endpoint.make_bucket()}/artifacts")
-    timers: list[threading.Timer] = []
+    faults: list[str] = []
     real = Artifact.mark_done
+
+    # Each fault lasts until the code under test has met it, never for a number of seconds: however slow or fast
+    # the machine, the outage ends once the store has retried RETRIES times (with backoff) and the freeze once a
+    # request has reached the frozen server. (Counting refused connections instead is not enough: aiohttp may retry
+    # a reset connection itself, so a refusal is not always a retry of ours.)
+    RETRIES = 3
+    outage_retries: list[str] = []
+
+    class EndTheOutageOnceMet(logging.Handler):
+        def emit(self, record):
+            if s3_proxy.down and "; retry " in record.getMessage():
+                outage_retries.append(record.getMessage())
+                if len(outage_retries) == RETRIES:
+                    s3_proxy.come_back()
 
     def mark_done(self, name, info=None):
         real(self, name, info)
-        if name == "shard-00000":  # the endpoint goes away (connections refused / dropped) for 2 s
-            s3_proxy.stop()
-            timers.append(threading.Timer(2.0, s3_proxy.start))
-        elif name == "shard-00001":  # then the server freezes (connections hang) for 1.5 s
-            s3_endpoint.pause()
-            timers.append(threading.Timer(1.5, s3_endpoint.resume))
-        else:
-            return
-        timers[-1].start()
+        if name == "shard-00000" and not faults:  # the endpoint goes away: open connections dropped, new refused
+            faults.append(name)
+            s3_proxy.go_down()
+        elif name == "shard-00001" and faults == ["shard-00000"]:  # then the server freezes (connections hang)
+            faults.append(name)
+            s3_proxy.freeze(1, s3_endpoint.pause, s3_endpoint.resume)
 
     monkeypatch.setattr(Artifact, "mark_done", mark_done)
+    store_log, handler = logging.getLogger("tlcm.store"), EndTheOutageOnceMet()
+    store_log.addHandler(handler)
     try:
         with caplog.at_level(logging.WARNING, logger="tlcm.store"):
-            t0 = time.monotonic()
             (res,) = run_pipeline(cfg, stages=[TRAJ], reporter=SilentReporter())
-            took = time.monotonic() - t0
     finally:
-        for t in timers:
-            t.join(10)
-    assert len(timers) == 2 and not res.cached
-    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
-    assert retries, "the outage should have been met with retries"
-    assert took > 2.0  # it really waited the outage out
+        store_log.removeHandler(handler)
+    assert faults == ["shard-00000", "shard-00001"] and not res.cached
+    assert s3_proxy.back_up.is_set() and len(outage_retries) == RETRIES  # the outage was met with RETRIES retries
+    assert s3_proxy.refused > 0  # ... of connections that really were refused
+    assert s3_proxy.thawed.is_set() and s3_proxy.frozen_requests == 1  # a request waited on the frozen server
+    retries = [m for r in caplog.records if (m := re.search(r"transient \w+; retry (\d+) in ([\d.]+) s",
+                                                            r.getMessage()))]
+    assert len(retries) >= RETRIES, "the outage should have been met with retries"
+    policy = RetryPolicy.from_env()
+    for m in retries:  # each retry waited its exponential backoff: base * 2**attempt, jittered down to half
+        attempt, delay = int(m[1]) - 1, float(m[2])
+        full = min(policy.max_delay_s, policy.base_s * 2.0 ** attempt)
+        assert full * 0.5 - 0.01 <= delay <= full + 0.01, m[0]
     assert all(S3_SECRET not in r.getMessage() for r in caplog.records)
     art = open_store(cfg).artifact(TRAJ, res.fingerprint)
     assert_same_trajectories(art)
@@ -441,7 +519,7 @@ def test_s3_endpoint_gone_for_good_fails_clearly_leaves_nothing_complete_and_the
     for name in ("x_hi", "x_lo", "seed"):  # what is marked done is really there
         assert art.open_array(name)[:SHARD].tobytes() == ref.open_array(name)[:SHARD].tobytes()
 
-    import tlcm_core.trajectories as traj
+    import tlcm_core.stages.teacher_trajectories as traj
 
     computed, compute = [], traj.compute_shard
     monkeypatch.setattr(traj, "compute_shard", lambda *a, **k: computed.append(a[4]) or compute(*a, **k))
@@ -520,7 +598,7 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("rel", ["lora.safetensors", "state.pt"])
+@pytest.mark.parametrize("rel", ["weights.safetensors", "state.pt"])
 def test_a_corrupt_training_checkpoint_is_refused_not_resumed(tmp_path, rel):
     reference()
     store_dir = tmp_path / "store"
@@ -547,9 +625,14 @@ def test_sigterm_during_tlcm_distill_stops_the_ephemeral_prefect_server_and_the_
 
     import psutil
 
+    from flows.cli import EPHEMERAL_STARTUP_TIMEOUT_S
+
     store = tmp_path / "store"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1")
+    # What the test relies on, set here rather than inherited: no Prefect API and no other Prefect setting from the
+    # caller (so `tlcm` starts the temporary server, with its own start-up budget, from a fresh PREFECT_HOME).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_EPHEMERAL_ENABLED="true",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "flows.cli", "distill", "--config", "toy-fast", "--stages", TRAJ, "--json"]
     for kv in (f"store.url={store}", f"teacher.source={tiny_teacher_dir()}", "trajectories.num_samples=512",
                "trajectories.shard_size=64", "trajectories.batch_size=32"):
@@ -558,15 +641,27 @@ def test_sigterm_during_tlcm_distill_stops_the_ephemeral_prefect_server_and_the_
     p = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     parent = psutil.Process(p.pid)
+
+    def server_children() -> list:
+        out = []
+        for c in parent.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "uvicorn" in c.cmdline():
+                    out.append(c)
+        return out
+
     try:
         children: list = []
-        deadline = time.time() + 180
-        while time.time() < deadline and p.poll() is None:  # wait: temporary server up, a shard committed
+
+        def server_up_and_a_shard_committed() -> bool:
+            nonlocal children
+            assert p.poll() is None, f"tlcm distill exited ({p.returncode}) before a shard was committed"
             children = parent.children(recursive=True)
-            if children and any(f.is_file() for f in store.rglob("_markers/*")):
-                break
-            time.sleep(0.25)
-        assert p.poll() is None and children, "tlcm distill should be running, with its temporary Prefect server"
+            return bool(server_children()) and any(f.is_file() for f in store.rglob("_markers/*"))
+
+        # generous: the server's start-up budget (EPHEMERAL_STARTUP_TIMEOUT_S) plus a teacher load and a shard
+        wait_for(server_up_and_a_shard_committed, EPHEMERAL_STARTUP_TIMEOUT_S + 300,
+                 "the temporary Prefect server and a committed shard", poll=0.2)
         p.send_signal(signal.SIGTERM)
         code = p.wait(timeout=60)
         _, alive = psutil.wait_procs(children, timeout=30)
@@ -582,3 +677,28 @@ def test_sigterm_during_tlcm_distill_stops_the_ephemeral_prefect_server_and_the_
     (result,) = json.loads(done.stdout)
     assert result["stage"] == TRAJ and not result["cached"]
     assert ArtifactStore(str(store)).artifact(TRAJ, result["fingerprint"]).manifest(verify="checksum").stage == TRAJ
+
+
+def test_tlcm_gives_the_temporary_prefect_server_a_slow_machine_start_up_budget(tmp_path):
+    """Prefect's 20 s default for its temporary API server to answer is too short on a busy 2-core machine: `tlcm`
+    raises it before Prefect is imported, unless a Prefect API is configured or the user chose a budget."""
+    import subprocess
+    import sys
+
+    from flows.cli import EPHEMERAL_STARTUP_TIMEOUT_S, _prefect_startup_env
+
+    key = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    for env, want in (({}, str(EPHEMERAL_STARTUP_TIMEOUT_S)), ({key: "30"}, "30"),
+                      ({"PREFECT_API_URL": "http://127.0.0.1:4200/api"}, None)):
+        _prefect_startup_env(env)
+        assert env.get(key) == want, env
+    assert EPHEMERAL_STARTUP_TIMEOUT_S >= 120
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    probe = ("from flows.cli import _prefect_startup_env; _prefect_startup_env()\n"
+             "from prefect.settings import get_current_settings\n"
+             "print(get_current_settings().server.ephemeral.startup_timeout_seconds)")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=Path(__file__).parent.parent,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == str(EPHEMERAL_STARTUP_TIMEOUT_S)  # the installed Prefect reads this setting
