@@ -195,3 +195,27 @@ def test_every_stage_reads_exactly_what_it_declares(tmp_path, monkeypatch):
                      and not any(p == r or p.startswith(r + ".") for p in seen[name])]
               for name, stage in REGISTRY.items()}
     assert not {k: v for k, v in unused.items() if v}, f"declared reads never made: {unused}"
+
+
+def test_the_docs_name_only_files_that_exist():
+    """docs/ and the README point newcomers at files: each path they name must be there (renames update them)."""
+    import re
+
+    pattern = re.compile(r"(?:tlcm_core|tasks|flows|tests|bench|configs|deploy|scripts|docs)/[A-Za-z0-9_./-]+"
+                         r"\.(?:py|yaml|md|sh|json)")
+    texts = [p for p in (ROOT / "docs").glob("*.md")] + [ROOT / "README.md"]
+    missing = sorted({f"{t.name}: {m}" for t in texts for m in pattern.findall(t.read_text())
+                      if "/X." not in m and not (ROOT / m).exists()})
+    assert not missing, missing
+    sources = [p.read_text() for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
+    cited = [n for n in ("DESIGN.md", "PAPER-NOTES", "STYLE.md") if any(n in s for s in sources)]
+    assert not cited, f"code cites notes that are not in the repository: {cited}"
+
+
+def test_a_folder_named_like_the_toy_world_is_a_path_not_the_shipped_teacher():
+    from tlcm_core.config import TeacherConfig
+
+    assert TeacherConfig(source="toy").toy_world == "toy"
+    assert TeacherConfig(source="toy:toy-hard").toy_world == "toy-hard"
+    for path in ("toy-teacher/pipeline", "toy_models/x", "./toy", "toy:"):
+        assert TeacherConfig(source=path).toy_world is None, path
