@@ -8,10 +8,13 @@ with the same noise the pipeline reproduces `tlcm_core.samplers.tlcm_sample` exa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 from .config import LoRAConfig, TeacherConfig
-from .lora import LoRAError, LoRAFile, load_lora_into, merge_lora, read_lora
+from .lora import ADAPTER, LoRAError, LoRAFile, load_lora_into, merge_lora, read_lora
 
 
 def base_teacher(lora: LoRAFile, base: str | None = None, resolution: int | None = None) -> TeacherConfig:
@@ -38,9 +41,12 @@ def check_base(lora: LoRAFile, teacher: TeacherConfig) -> None:
 
 def tlcm_pipeline(teacher: TeacherConfig, lora_state: dict[str, torch.Tensor], lora: LoRAConfig, *,
                   segments: int = 8, sampler: str = "renoise", device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None):
+                  dtype: torch.dtype | None = None, extra_loras: Sequence[tuple[Any, float]] = ()):
     """The base pipeline with the LoRA loaded (as in training: PEFT adapter `tlcm`), merged into the UNet's weights
-    for sampling speed, and the TLCM scheduler."""
+    for sampling speed, and the TLCM scheduler.
+
+    `extra_loras`: (LoRA, weight) pairs stacked on the TLCM LoRA, e.g. `[("style.safetensors", 0.8)]` (see
+    `stack_loras`); they are merged into the UNet with their weights too."""
     from .config import ComputeConfig
     from .models import load_pipeline, resolve_device, resolve_dtype
     from .scheduler import TLCMScheduler
@@ -49,9 +55,30 @@ def tlcm_pipeline(teacher: TeacherConfig, lora_state: dict[str, torch.Tensor], l
     dtype = dtype or resolve_dtype(ComputeConfig(dtype="float16"), device)
     pipe = load_pipeline(teacher, device, dtype)
     load_lora_into(pipe.unet, lora_state, lora)
-    merge_lora(pipe.unet)
+    for name in stack_loras(pipe, extra_loras):
+        merge_lora(pipe.unet, name)
     pipe.scheduler = TLCMScheduler.from_base(pipe.scheduler.config, segments=segments, sampler=sampler)
     return pipe
+
+
+def stack_loras(pipe, extra_loras: Sequence[tuple[Any, float]]) -> list[str]:
+    """Load more LoRAs (a style LoRA, ...) next to the TLCM LoRA (adapter `tlcm`, weight 1) with diffusers'
+    `load_lora_weights`, as adapters `extra_0`, `extra_1`, ... at their weights. Each LoRA is what that takes (a
+    diffusers or kohya file, a folder holding one, a hub id, a state dict). Returns the adapter names, `tlcm` first.
+    Layers of the text encoders (if a LoRA has them) stay unmerged adapters."""
+    from pathlib import Path
+
+    names, weights = [ADAPTER], [1.0]
+    for i, (ref, weight) in enumerate(extra_loras):
+        kw = {}
+        if isinstance(ref, (str, Path)) and Path(ref).is_file():  # a file: its folder and name
+            ref, kw = str(Path(ref).parent), {"weight_name": Path(ref).name}
+        names.append(f"extra_{i}")
+        weights.append(float(weight))
+        pipe.load_lora_weights(str(ref) if isinstance(ref, Path) else ref, adapter_name=names[-1], **kw)
+    if len(names) > 1:
+        pipe.set_adapters(names, adapter_weights=weights)
+    return names
 
 
 @torch.no_grad()
@@ -103,5 +130,5 @@ def image_grid(images: list, cols: int = 8):
     return grid
 
 
-__all__ = ["LoRAFile", "base_teacher", "check_base", "generate", "image_grid", "read_lora", "tlcm_pipeline",
-           "upscale_for_viewing"]
+__all__ = ["LoRAFile", "base_teacher", "check_base", "generate", "image_grid", "read_lora", "stack_loras",
+           "tlcm_pipeline", "upscale_for_viewing"]
