@@ -115,12 +115,13 @@ def cmd_generate(args) -> int:
 
 
 def add_export_parser(sub, config_args) -> None:
-    x = sub.add_parser("export", help="write a LoRA as diffusers / kohya / PEFT files + TLCM scheduler + model card")
+    x = sub.add_parser("export", help="write a LoRA as diffusers / kohya / PEFT files + ComfyUI workflow + TLCM "
+                       "scheduler + model card")
     config_args(x)
     x.add_argument("--lora", required=True, help="a lora.safetensors path/URL or an mlcd/lcd/finetune artifact URI")
     x.add_argument("--out", required=True, help="output folder (any fsspec URL)")
-    x.add_argument("--formats", default=None, help="comma-separated subset of diffusers,kohya,peft "
-                   "(default: the config's export.formats)")
+    x.add_argument("--formats", default=None, help="comma-separated subset of diffusers,kohya,peft; kohya comes "
+                   "with a ComfyUI workflow (default: the config's export.formats, all three)")
     x.add_argument("--base", default=None, help="base model (default: the one in the LoRA's metadata)")
     x.add_argument("--metrics", default=None, help="a metrics.json (from evaluate) to put in the model card")
     x.set_defaults(func=cmd_export)

@@ -226,3 +226,4 @@ def test_export_stage_and_cli(tmp_path):
     with safe_open(str(tmp_path / "cli" / "kohya" / "tlcm_lora.safetensors"), "pt") as f:
         assert f.metadata() == out.tensors_metadata("kohya/tlcm_lora.safetensors")
     assert not (tmp_path / "cli" / "diffusers").exists()
+    assert json.loads((tmp_path / "cli" / "comfyui" / "tlcm_workflow.json").read_text())  # kohya brings the workflow

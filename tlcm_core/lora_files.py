@@ -6,7 +6,11 @@
   kohya/tlcm_lora.safetensors                 kohya-ss / ComfyUI / A1111 keys: `lora_unet_<module>.lora_down.weight`,
                                               `.lora_up.weight`, `.alpha`; SDXL modules under their SGM names
                                               (input_blocks_4_1_...) as kohya trains SDXL, other UNets under the
-                                              diffusers module paths as kohya trains SD 1.x/2.x
+                                              diffusers module paths as kohya trains SD 1.x/2.x; metadata: kohya's
+                                              ss_* keys (dim, alpha, base model version) and Stability's modelspec.*
+                                              keys (architecture, title, usage hint, ...)
+  comfyui/tlcm_workflow.json                  (with kohya) a ComfyUI workflow in API format: base checkpoint +
+                                              LoraLoader + KSampler(lcm, simple, cfg 1.0)
   peft/adapter_model.safetensors              the layout the official TLCM release loads: `get_peft_model(unet,
   peft/adapter_config.json                    LoraConfig(r, target_modules=[...]))` + `load_adapter(folder, "default")`
                                               (keys `base_model.model.<module>.lora_A.weight`)
@@ -20,17 +24,22 @@ Every file is a pure function of the LoRA, its metadata and the base model's UNe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 
 from .config import LoRAConfig, TeacherConfig, toy_world
 from .errors import UserError
 from .lora import check_lora, lora_metadata
+from .schedule import milestones, sampler_timesteps
 
 DIFFUSERS_FILE = "diffusers/pytorch_lora_weights.safetensors"
 KOHYA_FILE = "kohya/tlcm_lora.safetensors"
+COMFY_WORKFLOW = "comfyui/tlcm_workflow.json"
 PEFT_WEIGHTS = "peft/adapter_model.safetensors"
 PEFT_CONFIG = "peft/adapter_config.json"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
@@ -131,6 +140,77 @@ def kohya_naming_for(unet_config: dict, naming: str = "auto") -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# What the base model is, and how to sample the LoRA: shared by the kohya metadata, the ComfyUI workflow and the card
+
+
+@dataclass(frozen=True)
+class BaseFamily:
+    """The base model's family under the names LoRA tools use for it."""
+
+    kohya: str          # kohya-ss `ss_base_model_version` (sd-scripts: sd_v1, sd_v2, sd_v2_v, sdxl_base_v1-0)
+    architecture: str   # Stability ModelSpec `modelspec.architecture` of the base (the LoRA adds "/lora")
+    prediction: str     # ModelSpec `prediction_type`: epsilon or v
+    resolution: int     # the family's native image side when the base config does not say
+
+
+def base_family(unet_config: dict, prediction_type: str = "epsilon") -> BaseFamily:
+    """SDXL (the text_time added embedding), SD 2.x (1024-wide cross-attention: OpenCLIP-H) or else SD 1.x."""
+    v = prediction_type == "v_prediction"
+    pred = "v" if v else "epsilon"
+    if unet_config.get("addition_embed_type") == "text_time":
+        return BaseFamily("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", pred, 1024)
+    if unet_config.get("cross_attention_dim") == 1024:
+        return BaseFamily("sd_v2_v" if v else "sd_v2", "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512",
+                          pred, 768 if v else 512)
+    return BaseFamily("sd_v1", "stable-diffusion-v1", pred, 512)
+
+
+def comfy_simple_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """The timesteps ComfyUI's `simple` scheduler visits: it takes every (T/N)-th of the model's T discrete sigmas from
+    the top, sigma index T-1-floor(i*T/N) for i < N (comfy/samplers.py simple_scheduler), and the model is evaluated at
+    exactly that index (ModelSamplingDiscrete.timestep: the nearest of the T log-sigmas)."""
+    return [num_train_timesteps - 1 - int(i * (num_train_timesteps / steps)) for i in range(steps)]
+
+
+# the ComfyUI sampler of each TLCM sampler: `lcm` is x0 + re-noising with fresh noise at the next sigma (TLCM's
+# renoise); `euler` on a VE sigma grid with the model's x0 is the deterministic DDIM jump (TLCM's multistep)
+COMFY_SAMPLER = {"renoise": "lcm", "multistep": "euler"}
+COMFY_SCHEDULER = "simple"  # integer timesteps of the base's own table; equal to TLCM's milestones for 1, 2 and 8 steps
+
+
+@dataclass(frozen=True)
+class Usage:
+    """How the exported LoRA is meant to be sampled (written into the kohya metadata, the workflow and the card)."""
+
+    steps: int = 4
+    segments: int = 8
+    sampler: str = "renoise"
+    num_train_timesteps: int = 1000
+    prediction_type: str = "epsilon"
+
+    def tlcm_timesteps(self, n: int) -> list[int]:
+        return sampler_timesteps(n, milestones(self.num_train_timesteps, self.segments))
+
+    def comfy_timesteps(self, n: int) -> list[int]:
+        return comfy_simple_timesteps(n, self.num_train_timesteps)
+
+    def step_counts(self) -> list[int]:
+        """The step counts the card compares (2, 4, 8 and the recommended one, at most one per segment)."""
+        return sorted({n for n in (2, 4, 8, self.steps) if 1 <= n <= self.segments})
+
+    def hint(self) -> str:
+        lo, hi = min(2, self.segments), self.segments
+        return (f"{self.steps} steps ({lo}-{hi}), CFG 1.0 (guidance-distilled: no CFG; diffusers guidance_scale 0), "
+                f"sampler {COMFY_SAMPLER[self.sampler]}, scheduler {COMFY_SCHEDULER}, LoRA strength 1.0")
+
+
+def usage_for(scheduler_config: dict, *, segments: int, sampler: str = "renoise", steps: int = 4) -> Usage:
+    return Usage(steps=steps, segments=segments, sampler=sampler,
+                 num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
+                 prediction_type=scheduler_config.get("prediction_type", "epsilon"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The formats
 
 
@@ -148,22 +228,74 @@ def to_diffusers(state: dict[str, torch.Tensor], lora: LoRAConfig, base: dict) -
     return out, meta
 
 
+SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"  # ModelSpec's implementation id, as kohya
+
+
 def to_kohya(state: dict[str, torch.Tensor], lora: LoRAConfig, base: dict, unet_config: dict,
-             naming: str = "auto") -> tuple[dict, dict[str, str]]:
-    """kohya-ss LoRA: lora_down = A, lora_up = B, alpha = the trained alpha (consumers scale by alpha / rank)."""
+             naming: str = "auto", usage: Usage | None = None) -> tuple[dict, dict[str, str]]:
+    """kohya-ss LoRA: lora_down = A, lora_up = B, alpha = the trained alpha (consumers scale by alpha / rank), with
+    the metadata LoRA managers show (kohya's ss_* keys, Stability's modelspec.* keys)."""
     naming = kohya_naming_for(unet_config, naming)
-    out = {}
+    usage = usage or Usage()
+    out, convs = {}, False
     for m, (a, b) in lora_modules(state).items():
         name = "lora_unet_" + (sgm_module_path(m, unet_config) if naming == "sgm" else m).replace(".", "_")
         out[f"{name}.lora_down.weight"] = a.contiguous()
         out[f"{name}.lora_up.weight"] = b.contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(lora.alpha), dtype=torch.float32)
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank),
-            "ss_network_alpha": repr(float(lora.alpha)), "ss_network_args": json.dumps({}),
-            "ss_base_model_version": "sdxl_base_v1-0" if naming == "sgm" else "sd_v1",
-            "tlcm_lora_config": json.dumps(lora.model_dump(mode="json")),
-            "tlcm_base_model": json.dumps(base, sort_keys=True)}
+        convs = convs or (a.ndim == 4 and a.shape[-1] > 1)
+    meta = kohya_metadata(lora, base, unet_config, naming, usage, convs)
+    meta["modelspec.hash_sha256"] = _tensor_hash(out)
     return out, meta
+
+
+def kohya_metadata(lora: LoRAConfig, base: dict, unet_config: dict, naming: str, usage: Usage,
+                   convs: bool) -> dict[str, str]:
+    fam = base_family(unet_config, usage.prediction_type)
+    src = base.get("source", "?")
+    res = base.get("resolution") or fam.resolution
+    # kohya's networks.lora trains 3x3 convolutions only with conv_dim / conv_alpha in its network args
+    args = {"conv_dim": str(lora.rank), "conv_alpha": repr(float(lora.alpha))} if convs else {}
+    return {
+        "ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank),
+        "ss_network_alpha": repr(float(lora.alpha)), "ss_network_args": json.dumps(args),
+        "ss_base_model_version": fam.kohya, "ss_v2": str(fam.kohya.startswith("sd_v2")),
+        "ss_sd_model_name": src, "ss_output_name": Path(KOHYA_FILE).stem,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{fam.architecture}/lora",
+        # the tensor names follow the SGM (Stability) UNet or the diffusers one
+        "modelspec.implementation": SGM_IMPLEMENTATION if naming == "sgm" else "diffusers",
+        "modelspec.title": f"TLCM {usage.segments}-segment LoRA (rank {lora.rank}) for {src}",
+        "modelspec.description": _description(src, usage),
+        "modelspec.usage_hint": usage.hint(),
+        "modelspec.resolution": f"{res}x{res}",
+        "modelspec.prediction_type": fam.prediction,
+        "modelspec.tags": "tlcm, few-step, lcm, distillation",
+        "tlcm_lora_config": json.dumps(lora.model_dump(mode="json")),
+        "tlcm_base_model": json.dumps(base, sort_keys=True),
+        "tlcm_sampling": json.dumps({"steps": usage.steps, "segments": usage.segments, "sampler": usage.sampler,
+                                     "timesteps": {str(n): usage.tlcm_timesteps(n) for n in usage.step_counts()}}),
+    }
+
+
+def _description(src: str, usage: Usage) -> str:
+    n = usage.steps if usage.steps <= usage.segments else usage.step_counts()[-1]
+    tlcm, comfy = (", ".join(map(str, ts)) for ts in (usage.tlcm_timesteps(n), usage.comfy_timesteps(n)))
+    return (f"A few-step LoRA for {src}, distilled data-free with TLCM (arXiv 2406.05768). Sample it with 2-"
+            f"{usage.segments} steps and no classifier-free guidance (CFG 1.0; it is guidance-distilled). Each step "
+            "predicts x0 and re-noises it with fresh noise to the next milestone timestep "
+            f"({n} steps: {tlcm}). In ComfyUI: sampler {COMFY_SAMPLER[usage.sampler]}, scheduler {COMFY_SCHEDULER}, "
+            f"which evaluates the model at " + ("the same timesteps." if tlcm == comfy else f"{comfy} instead."))
+
+
+def _tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """ModelSpec hash_sha256: SHA-256 of the file's tensor data (everything after the header), which the metadata
+    does not change."""
+    from safetensors.torch import save
+
+    raw = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    header = int.from_bytes(raw[:8], "little")
+    return "0x" + hashlib.sha256(raw[8 + header:]).hexdigest()
 
 
 def peft_config_for(lora: LoRAConfig, base: dict):
@@ -201,6 +333,91 @@ def _safetensors_bytes(tensors: dict, metadata: dict[str, str]) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# ComfyUI workflow
+
+# the single-file checkpoints ComfyUI loads (models/checkpoints/) under the names their hub repositories ship
+_CHECKPOINT_FILES = {
+    "stabilityai/stable-diffusion-xl-base-1.0": "sd_xl_base_1.0.safetensors",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "v1-5-pruned-emaonly.safetensors",
+    "runwayml/stable-diffusion-v1-5": "v1-5-pruned-emaonly.safetensors",
+    "stabilityai/stable-diffusion-2-1": "v2-1_768-ema-pruned.safetensors",
+    "stabilityai/stable-diffusion-2-1-base": "v2-1_512-ema-pruned.safetensors",
+}
+
+
+def comfy_checkpoint_name(source: str) -> str:
+    """The base checkpoint file the workflow's CheckpointLoaderSimple names (the user edits it if theirs differs)."""
+    known = _CHECKPOINT_FILES.get(source)
+    if known:
+        return known
+    stem = source.rstrip("/").replace(":", "/").rsplit("/", 1)[-1] or "base"
+    return f"{stem}.safetensors"
+
+
+def comfy_workflow(base: dict, unet_config: dict, usage: Usage, prompt: str = "a photo of a cat",
+                   lora_name: str = Path(KOHYA_FILE).name) -> dict:
+    """A ComfyUI workflow in API format (node id -> class_type + inputs; a link is [node id, output index]).
+
+    API format rather than the UI's LiteGraph format: it names every input, so it does not depend on widget order or
+    canvas layout that change between ComfyUI versions; `POST /prompt` runs it as is, and the ComfyUI frontend opens
+    it when dropped on the canvas (the editor lays the nodes out)."""
+    fam = base_family(unet_config, usage.prediction_type)
+    res = int(base.get("resolution") or fam.resolution)
+
+    def node(class_type: str, title: str, **inputs) -> dict:
+        return {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
+
+    return {
+        "1": node("CheckpointLoaderSimple", "Base checkpoint", ckpt_name=comfy_checkpoint_name(base.get("source", ""))),
+        "2": node("LoraLoader", "TLCM LoRA", model=["1", 0], clip=["1", 1], lora_name=lora_name,
+                  strength_model=1.0, strength_clip=1.0),
+        "3": node("CLIPTextEncode", "Prompt", text=prompt, clip=["2", 1]),
+        # ignored at cfg 1.0 (ComfyUI then skips the unconditional pass) but KSampler needs one
+        "4": node("CLIPTextEncode", "Negative prompt (unused at cfg 1.0)", text="", clip=["2", 1]),
+        "5": node("EmptyLatentImage", "Latent", width=res, height=res, batch_size=1),
+        "6": node("KSampler", f"TLCM sampling ({usage.hint()})", model=["2", 0], positive=["3", 0],
+                  negative=["4", 0], latent_image=["5", 0], seed=0, steps=usage.steps, cfg=1.0,
+                  sampler_name=COMFY_SAMPLER[usage.sampler], scheduler=COMFY_SCHEDULER, denoise=1.0),
+        "7": node("VAEDecode", "Decode", samples=["6", 0], vae=["1", 2]),
+        "8": node("SaveImage", "Save", images=["7", 0], filename_prefix="tlcm"),
+    }
+
+
+def _comfy_card_section(base: dict, unet_config: dict, usage: Usage) -> list[str]:
+    ckpt = comfy_checkpoint_name(base.get("source", ""))
+    lines = ["## ComfyUI and A1111 / Forge", "",
+             f"Put `{KOHYA_FILE}` in `ComfyUI/models/loras/` and the base checkpoint in `ComfyUI/models/checkpoints/` "
+             f"(the workflow names it `{ckpt}`; change `ckpt_name` if yours differs), then drop `{COMFY_WORKFLOW}` "
+             "(API format) on the ComfyUI canvas or `POST` it to `/prompt`. It loads the checkpoint "
+             f"(CheckpointLoaderSimple), the LoRA (LoraLoader, strength 1.0) and samples with KSampler: steps "
+             f"{usage.steps}, cfg 1.0, sampler `{COMFY_SAMPLER[usage.sampler]}`, scheduler `{COMFY_SCHEDULER}`, "
+             "denoise 1.0. In A1111 / Forge: `<lora:tlcm_lora:1>`, sampler LCM, CFG scale 1, "
+             f"{usage.steps} steps.", ""]
+    if usage.sampler == "renoise":
+        lines += ["ComfyUI's `lcm` sampler is TLCM's sampler: each step takes the model's x0 prediction and re-noises "
+                  "it with fresh Gaussian noise to the next timestep, and the last step returns x0. What differs is "
+                  f"where the model is evaluated. `{COMFY_SCHEDULER}` visits the timesteps "
+                  f"T-1-floor(i*T/N) (T = {usage.num_train_timesteps}, i < N steps), TLCM its "
+                  f"{usage.segments}-segment milestones:", ""]
+    else:
+        lines += ["ComfyUI's `euler` sampler on the base's sigmas is the deterministic DDIM jump of TLCM's multistep "
+                  f"sampler. `{COMFY_SCHEDULER}` visits T-1-floor(i*T/N) (T = {usage.num_train_timesteps}), "
+                  f"TLCM its {usage.segments}-segment milestones:", ""]
+    lines += [f"| steps | TLCM timesteps | ComfyUI `{COMFY_SCHEDULER}` timesteps | difference |", "|---|---|---|---|"]
+    for n in usage.step_counts():
+        tlcm, comfy = usage.tlcm_timesteps(n), usage.comfy_timesteps(n)
+        diff = [f"step {i + 1}: {c} instead of {t}" for i, (t, c) in enumerate(zip(tlcm, comfy)) if t != c]
+        lines.append(f"| {n} | {', '.join(map(str, tlcm))} | {', '.join(map(str, comfy))} | "
+                     f"{'; '.join(diff) or 'none'} |")
+    lines += ["", "No ComfyUI scheduler gives TLCM's timesteps for every step count (`sgm_uniform` puts the noise "
+              "levels between the table's timesteps, e.g. 999 and 499.5 for 2 steps; `normal` ends at timestep 0; "
+              "`ddim_uniform` starts below 999); where they differ, the ComfyUI image is close to but not TLCM's. "
+              "ComfyUI also draws its own noise, so a seed does not give the same image as diffusers with that seed.",
+              ""]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Model card
 
 
@@ -211,9 +428,10 @@ def _pipeline_class(unet_config: dict) -> str:
 
 def model_card(lora: LoRAConfig, base: dict, unet_config: dict, formats: list[str], segments: int, sampler: str,
                steps: int, training: dict | None = None, metrics: list[dict] | None = None,
-               name: str = "TLCM LoRA") -> str:
+               name: str = "TLCM LoRA", usage: Usage | None = None) -> str:
     from .evaluation import markdown_table
 
+    usage = usage or Usage(steps=steps, segments=segments, sampler=sampler)
     src = base.get("source", "?")
     pipe_cls = _pipeline_class(unet_config)
     res = base.get("resolution")
@@ -224,7 +442,8 @@ def model_card(lora: LoRAConfig, base: dict, unet_config: dict, formats: list[st
         "- few-step", "---", "", f"# {name}", "",
         f"A few-step LoRA for `{src}` distilled with TLCM (Xie et al., *TLCM: Training-efficient Latent Consistency "
         "Model for Image Generation with 2-8 Steps*, arXiv 2406.05768), data-free. Sample it with 2-8 steps, "
-        f"guidance 0, on the TLCM milestone timesteps ({segments} segments, `{sampler}` sampler).", "",
+        f"guidance 0 (CFG 1.0 in ComfyUI / A1111), on the TLCM milestone timesteps ({segments} segments, "
+        f"`{sampler}` sampler).", "",
         "## LoRA", "", f"- base model: `{json.dumps(base, sort_keys=True)}`",
         f"- rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.alpha / lora.rank:g}), UNet only",
         f"- target modules: {', '.join(f'`{t}`' for t in lora.target_modules)}", "",
@@ -235,6 +454,7 @@ def model_card(lora: LoRAConfig, base: dict, unet_config: dict, formats: list[st
         lines.append(f"| `{DIFFUSERS_FILE}` | diffusers `load_lora_weights` (alpha/rank folded into lora_B) |")
     if "kohya" in formats:
         lines.append(f"| `{KOHYA_FILE}` | kohya-ss, ComfyUI, A1111/Forge (`lora_unet_*` keys with `.alpha`) |")
+        lines.append(f"| `{COMFY_WORKFLOW}` | a ComfyUI workflow (API format) with the LoRA and TLCM's sampling |")
     if "peft" in formats:
         lines.append(f"| `{PEFT_WEIGHTS}`, `{PEFT_CONFIG}` | PEFT `load_adapter`, as the official TLCM release |")
     lines += [f"| `{SCHEDULER_CONFIG}`, `{SCHEDULER_SOURCE}` | the TLCM scheduler (diffusers `SchedulerMixin`) |",
@@ -264,6 +484,8 @@ def model_card(lora: LoRAConfig, base: dict, unet_config: dict, formats: list[st
                   'unet.load_adapter("EXPORT_DIR/peft", adapter_name="default")', "```", "",
                   "Each step predicts x0 and re-noises it to the next milestone with fresh noise: "
                   "`TLCMScheduler` does exactly that.", ""]
+    if "kohya" in formats:
+        lines += _comfy_card_section(base, unet_config, usage)
     lines += ["## Command line (this project)", "", "```", f"tlcm generate --lora EXPORT_DIR --steps {steps} "
               f'--seed 0 --prompt "{example}" --out image.png', "```", ""]
     if metrics:
@@ -287,18 +509,22 @@ def export_files(state: dict[str, torch.Tensor], metadata: dict[str, str], forma
     unknown = [f for f in formats if f not in ("diffusers", "kohya", "peft")]
     if unknown:
         raise ExportError(f"unknown export format(s) {unknown}; use diffusers, kohya, peft")
+    usage = usage_for(scheduler_config, segments=segments, sampler=sampler, steps=steps)
     files: dict[str, bytes] = {}
     if "diffusers" in formats:
         files[DIFFUSERS_FILE] = _safetensors_bytes(*to_diffusers(state, lora, base))
     if "kohya" in formats:
-        files[KOHYA_FILE] = _safetensors_bytes(*to_kohya(state, lora, base, unet_config, kohya_naming))
+        files[KOHYA_FILE] = _safetensors_bytes(*to_kohya(state, lora, base, unet_config, kohya_naming, usage))
+        prompt = "a red circle" if toy_world(base.get("source", "")) else "a photo of a cat"
+        workflow = comfy_workflow(base, unet_config, usage, prompt)
+        files[COMFY_WORKFLOW] = (json.dumps(workflow, indent=2) + "\n").encode()
     if "peft" in formats:
         tensors, config = to_peft(state, lora, base)
         files[PEFT_WEIGHTS] = _safetensors_bytes(tensors, {"format": "pt"})
         files[PEFT_CONFIG] = config
     files.update(scheduler_files(scheduler_config, segments, sampler))
     files[MODEL_CARD] = model_card(lora, base, unet_config, formats, segments, sampler, steps, training,
-                                   metrics).encode()
+                                   metrics, usage=usage).encode()
     return files
 
 
@@ -328,5 +554,6 @@ def write_files(files: dict[str, bytes], out: str) -> list[str]:
     return urls
 
 
-__all__ = ["ExportError", "export_files", "lora_modules", "model_card", "sgm_module_path",
-           "to_diffusers", "to_kohya", "to_peft", "write_files"]
+__all__ = ["BaseFamily", "ExportError", "Usage", "base_family", "comfy_simple_timesteps", "comfy_workflow",
+           "export_files", "kohya_metadata", "lora_modules", "model_card", "sgm_module_path", "to_diffusers",
+           "to_kohya", "to_peft", "usage_for", "write_files"]

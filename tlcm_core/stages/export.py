@@ -1,5 +1,6 @@
-"""Stage `export`: the final LoRA as the files other programs load -- diffusers, kohya/ComfyUI and PEFT LoRAs, the
-TLCMScheduler config and a model card (the formats themselves: tlcm_core/lora_files.py)."""
+"""Stage `export`: the final LoRA as the files other programs load -- diffusers, kohya/ComfyUI and PEFT LoRAs (all
+three by default), a ComfyUI workflow beside the kohya file, the TLCMScheduler config and a model card (the formats
+themselves: tlcm_core/lora_files.py). Version 3: kohya/modelspec metadata and the ComfyUI workflow."""
 
 from __future__ import annotations
 
@@ -38,4 +39,4 @@ def _inputs(cfg) -> dict[str, str]:
     return {"lora": stage, **({"metrics": "evaluate"} if "evaluate" in cfg.stages else {})}
 
 
-STAGE = Stage("export", version=2, run=run, inputs=_inputs, reads=("teacher", "export", "schedule", "lora"))
+STAGE = Stage("export", version=3, run=run, inputs=_inputs, reads=("teacher", "export", "schedule", "lora"))
