@@ -111,8 +111,12 @@ def test_sampler_timesteps():
     assert sampler_timesteps(4, b) == [999, 749, 499, 124]
     assert sampler_timesteps(8, b) == [999, 874, 749, 624, 499, 374, 249, 124]
     assert sampler_timesteps(1, b) == [999]
-    six = sampler_timesteps(6, b)
-    assert len(six) == 6 and six[0] == 999 and all(t in b for t in six)
+    # the official release's subsets for 5, 6 and 7 steps (not evenly spaced)
+    assert sampler_timesteps(5, b) == [999, 749, 499, 249, 124]
+    assert sampler_timesteps(6, b) == [999, 749, 499, 374, 249, 124]
+    assert sampler_timesteps(7, b) == [999, 749, 624, 499, 374, 249, 124]
+    five = sampler_timesteps(5, milestones(1000, 10))  # other grids: an evenly spaced subset of the milestones
+    assert len(five) == 5 and five[0] == 999 and all(t in milestones(1000, 10) for t in five)
     with pytest.raises(ValueError, match="schedule has 8"):
         sampler_timesteps(12, b)
     assert sampler_timesteps(2, milestones(1000, 4)) == [999, 499]
@@ -138,3 +142,15 @@ def test_losses_on_hand_made_inputs():
     assert loss.item() == 1.0 and target.grad is None and pred.grad is not None  # stop-gradient on the target
     with pytest.raises(ValueError, match="latent LPIPS"):
         make_distance("latent-lpips")
+
+
+def test_the_exported_scheduler_visits_the_same_timesteps_as_our_sampler():
+    """scheduler.py ships on its own inside every export (scheduling_tlcm.py), so it keeps its own copy of the
+    official step subsets: they must agree with the sampler the evaluation uses, for every step count."""
+    from tlcm_core.scheduler import tlcm_milestones, tlcm_sampler_timesteps
+
+    for segments in (4, 8, 10):
+        b = milestones(1000, segments)
+        assert tlcm_milestones(1000, segments) == b
+        for n in range(1, segments + 1):
+            assert tlcm_sampler_timesteps(n, b) == sampler_timesteps(n, b), (segments, n)

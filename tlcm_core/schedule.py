@@ -167,6 +167,9 @@ OFFICIAL_SAMPLER_TIMESTEPS = {
     2: [999, 499],
     3: [999, 499, 124],
     4: [999, 749, 499, 124],
+    5: [999, 749, 499, 249, 124],
+    6: [999, 749, 499, 374, 249, 124],
+    7: [999, 749, 624, 499, 374, 249, 124],
     8: [999, 874, 749, 624, 499, 374, 249, 124],
 }
 
@@ -174,7 +177,7 @@ OFFICIAL_SAMPLER_TIMESTEPS = {
 def sampler_timesteps(n_steps: int, bounds: list[int]) -> list[int]:
     """The milestone timesteps an N-step TLCM sampler visits (descending, boundary 0 excluded).
 
-    For the paper's grid (T=1000, M=8) and N in {1,2,3,4,8} these are the official ones; otherwise an evenly
+    For the paper's grid (T=1000, M=8) and N in 1..8 these are the official release's; otherwise an evenly
     spaced subset of the upper boundaries. N may not exceed M (there are only M milestones to visit).
     """
     upper = sorted(bounds, reverse=True)[:-1]  # M upper boundaries, 999 first
