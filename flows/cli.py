@@ -2,7 +2,9 @@
 
   tlcm distill --config toy                 run every stage of a preset (in process, ephemeral Prefect)
   tlcm eval --config toy --lora none --steps 1,2,4,25 --json
+  tlcm eval --config toy --lora other.safetensors --scheduler lcm --steps 2,4 --json   (another method's LoRA)
   tlcm artifacts ls|show --store URL [--json]
+  tlcm report --config toy --store URL [--out report.md]   the run report of a finished run
   tlcm toy-teacher [--out DIR]              retrain the shipped toy teacher
   tlcm stack up|down|status [--s3]          a local Prefect server, work pool, workers (and S3) for deployments
   tlcm export --lora URI --out DIR          diffusers / kohya / PEFT files, TLCM scheduler, model card
@@ -67,8 +69,7 @@ def cmd_distill(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from tlcm_core.lora import check_lora, read_lora
-    from tlcm_core.models import setup_threads, teacher_identity
+    from tlcm_core.models import setup_threads
 
     if args.samples:
         args.overrides.append(f"evaluate.num_samples={args.samples}")
@@ -78,10 +79,17 @@ def cmd_eval(args) -> int:
     steps = _int_list("--steps", args.steps)
     teacher_steps = _int_list("--teacher-steps", args.teacher_steps) if args.teacher_steps else None
     lora = None
-    if args.lora != "none":  # refused (missing, unreadable, wrong rank, other base model) before the teacher loads
-        lf = read_lora(args.lora)  # first the file alone: the teacher's identity hashes its weights
-        check_lora(lf.state, lf.metadata, cfg.lora, teacher_identity(cfg.teacher), where=lf.url)
-        lora = lf.state
+    if args.lora == "none":
+        fmt = None if args.lora_format == "auto" else args.lora_format
+        given = [f for f, v in (("--scheduler", args.scheduler), ("--guidance", args.guidance), ("--lora-format", fmt))
+                 if v is not None]
+        if given:
+            raise UserError(f"{', '.join(given)}: only with --lora FILE (the teacher's rows are DDIM + CFG with "
+                            "schedule.guidance)")
+    else:  # refused (missing, unreadable, wrong rank, other base model, no scheduler) before the teacher loads
+        from tlcm_core.evaluation import eval_lora
+
+        lora = eval_lora(args.lora, cfg, args.lora_format, args.scheduler, args.guidance)
     from tlcm_core.evaluation import evaluate_rows, markdown_table
     from tlcm_core.progress import Reporter
 
@@ -130,6 +138,20 @@ def cmd_artifacts(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """The run report of the config's finished run, from the store alone (no Prefect)."""
+    from tlcm_core.report import build_report
+
+    report = build_report(_load(args))
+    if args.out:
+        report.write(args.out)
+        print(f"{args.out} ({len(report.images)} images beside it)")
+    else:
+        print(report.markdown)
+        print(f"(images not written: --out FILE writes {', '.join(report.images)} beside the report)", file=sys.stderr)
+    return 0
+
+
 def cmd_toy_teacher(args) -> int:
     from tlcm_core.toy.teacher import ToyTeacherSettings, train_toy_teacher
 
@@ -158,11 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="sample the teacher (--lora none) or a student LoRA and print metrics")
     _config_args(e)
     e.add_argument("--lora", default="none", help="'none' (the teacher with DDIM + CFG), a lora.safetensors path/URL, "
-                   "or an mlcd/lcd/finetune artifact URI")
+                   "an mlcd/lcd/finetune artifact URI, or another method's few-step LoRA (with --scheduler)")
     e.add_argument("--steps", default="1,2,3,4,8", help="comma-separated step counts")
     e.add_argument("--teacher-steps", default=None, help="also evaluate the teacher at these step counts")
     e.add_argument("--samples", type=int, default=None, help="samples per row (default evaluate.num_samples)")
     e.add_argument("--sampler", choices=["renoise", "multistep"], default=None)
+    e.add_argument("--lora-format", choices=["auto", "tlcm", "diffusers"], default="auto",
+                   help="auto: tlcm when the file has tlcm-lora/1 metadata, else diffusers (diffusers' "
+                   "load_lora_weights: diffusers or kohya keys, e.g. LCM-LoRA, TCD, PCM, Hyper-SD, DMD2, Lightning)")
+    e.add_argument("--scheduler", choices=["tlcm", "lcm", "tcd", "euler-trailing", "ddim-trailing"], default=None,
+                   help="how the LoRA is sampled: tlcm (the TLCM sampler; default for TLCM LoRAs) or the stock "
+                   "diffusers scheduler its method uses (required for other LoRAs): lcm (LCM-LoRA, DMD2), tcd (TCD, "
+                   "PCM), euler-trailing (SDXL-Lightning), ddim-trailing (Hyper-SD)")
+    e.add_argument("--guidance", type=float, default=None, help="CFG scale with a stock --scheduler (default 1: "
+                   "none, as distilled LoRAs are sampled; > 1 adds CFG)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -173,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--verify", action="store_true", help="for show: verify every file's checksum")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_artifacts)
+
+    r = sub.add_parser("report", help="the run report of a finished run: teacher vs student, side-by-side samples, "
+                       "loss curves, stage times and artifacts (Markdown)")
+    _config_args(r)
+    r.add_argument("--out", default=None, help="write the report to this file and its images beside it "
+                   "(default: print the Markdown)")
+    r.set_defaults(func=cmd_report)
 
     t = sub.add_parser("toy-teacher", help="(re)train the toy world's teacher (resumes from checkpoints in --out)")
     t.add_argument("--out", default="./toy-teacher")

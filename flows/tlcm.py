@@ -9,13 +9,17 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
 from tasks.stages import PrefectReporter, stage_task
-from tlcm_core.config import resolve_config
-from tlcm_core.pipeline import plan_run
+from tlcm_core.config import PipelineConfig, resolve_config
+from tlcm_core.errors import UserError
+from tlcm_core.pipeline import open_store, plan_run
+from tlcm_core.report import build_report
 
 
-def publish_summary(name: str, results: list[dict], ran_here: bool) -> None:
-    """The run's UI artifacts: a table of stage artifacts (cache hit or computed, URI) and the final metrics
-    table, unless the evaluate stage already published it in this flow run (computed here, not cached)."""
+def publish_summary(cfg: PipelineConfig, results: list[dict], ran_here: bool) -> None:
+    """The run's UI artifacts: a table of stage artifacts (cache hit or computed, URI), the final metrics table
+    (unless the evaluate stage already published it in this flow run: computed here, not cached) and, when the run
+    evaluated, the run report (tlcm_core/report.py), saved beside the artifacts and shown with its images."""
+    name = cfg.name
     lines = ["| stage | cached | artifact |", "|---|---|---|"]
     lines += [f"| {r['stage']} | {'yes' if r['cached'] else 'no'} | `{r['uri']}` |" for r in results]
     create_markdown_artifact("\n".join(lines), key="tlcm-stages", description=f"tlcm {name}: stage artifacts")
@@ -24,6 +28,20 @@ def publish_summary(name: str, results: list[dict], ran_here: bool) -> None:
         PrefectReporter(bars=False).table("metrics", ev["summary"]["rows"],
                                           description=f"evaluate ({'cache hit' if ev['cached'] else 'computed'}): "
                                                       f"{ev['uri']}")
+    if ev is None:
+        return
+    try:  # a view of committed artifacts: a store that refuses the read or write must not fail the run's work
+        report = build_report(cfg, open_store(cfg), results)
+    except UserError as e:
+        get_run_logger().warning(f"no run report: {e}")
+        return
+    where = "not saved"
+    try:
+        where = report.save(open_store(cfg))
+    except UserError as e:
+        get_run_logger().warning(f"run report not saved to the store: {e}")
+    create_markdown_artifact(report.inline_markdown(), key="tlcm-report",
+                             description=f"tlcm {name}: run report ({where})")
 
 
 @flow(name="tlcm", log_prints=True)
@@ -64,7 +82,7 @@ def tlcm(config: str | dict[str, Any] = "toy", store: str | None = None, stages:
     if shards is not None:  # part of a fanned-out stage: the final run reports the artifact
         logger.info(f"{todo[0]}: shards {shards} written to {results[0]['uri']} (committed by the final run)")
         return results
-    publish_summary(cfg.name, results, ran_here=cfg.dispatch != "deployments")
+    publish_summary(cfg, results, ran_here=cfg.dispatch != "deployments")
     for r in results:
         logger.info(f"{r['stage']}: {'cache hit' if r['cached'] else 'computed'} -> {r['uri']}")
     if results and all(r["cached"] for r in results):

@@ -13,6 +13,7 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact, c
 from prefect.states import Completed
 
 from tlcm_core.config import PipelineConfig, validate_config
+from tlcm_core.evaluation import round_sig
 from tlcm_core.pipeline import run_stage
 from tlcm_core.progress import Reporter
 
@@ -51,6 +52,7 @@ class PrefectReporter(Reporter):
         get_run_logger().info(message)
 
     def table(self, key: str, rows: list[dict], description: str = "") -> None:
+        rows = [round_sig(r) for r in rows]  # 4 significant digits: a table is read, metrics.json keeps the rest
         flat = [{k: (str(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()} for r in rows]
         create_table_artifact(flat, key=_key(key), description=description)
 

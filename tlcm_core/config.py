@@ -240,7 +240,8 @@ class MetricsConfig(Section):
     for the hub) or open_clip tags. Toy worlds use the shipped toy evaluator unless kind=real."""
 
     kind: Literal["auto", "toy", "real", "none"] = "auto"  # auto: toy in a toy world, else real when captions is set
-    run: list[Literal["clip", "aesthetic", "imagereward", "fid"]] = Field(
+    # hpsv2 and pickscore are opt-in (each is a ViT-H-14 to download): add them to compare with papers that report them
+    run: list[Literal["clip", "aesthetic", "imagereward", "fid", "hpsv2", "pickscore"]] = Field(
         default_factory=lambda: ["clip", "aesthetic", "imagereward", "fid"])
     # evaluation prompts: a text file (one caption a line) or COCO captions JSON (first caption per image, by image id)
     captions: str | None = None
@@ -255,6 +256,17 @@ class MetricsConfig(Section):
     imagereward_tokenizer: str = "bert-base-uncased"  # hub id or local folder of the BERT tokenizer
     # torch-fidelity's weights-inception-2015-12-05-6726825d.pth; None: look in torch.hub's checkpoint cache
     fid_inception_weights: str | None = None
+    # FID's reference set: `images` = reference_images (real photos, Table 1), `teacher` = the teacher's own
+    # fid_teacher_steps-step DDIM + CFG samples of the same prompts and noise (row key fid_teacher): how far a few-step
+    # student is from its teacher, with no real images needed
+    fid_reference: Literal["images", "teacher"] = "images"
+    fid_teacher_steps: int = Field(25, ge=1, le=1000)
+    # HPSv2: open_clip architecture + the HPSv2 checkpoint (path, fsspec URL; HPS_v2_compressed.pt is v2.0)
+    hpsv2_model: str = "ViT-H-14"
+    hpsv2_weights: str = "hf://xswu/HPSv2/HPS_v2.1_compressed.pt"
+    # PickScore: a transformers CLIPModel and the processor it was trained with (hub ids, local folders, fsspec URLs)
+    pickscore_model: str = "yuvalkirstain/PickScore_v1"
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     batch_size: int = Field(16, ge=1)
 
 
@@ -278,7 +290,8 @@ class EvaluateConfig(Section):
 
 
 class ExportConfig(Section):
-    formats: list[Literal["diffusers", "kohya", "peft"]] = Field(default_factory=lambda: ["diffusers"])
+    # every format by default (with kohya comes comfyui/tlcm_workflow.json): users load the one their tool takes
+    formats: list[Literal["diffusers", "kohya", "peft"]] = Field(default_factory=lambda: ["diffusers", "kohya", "peft"])
     sampler: Literal["renoise", "multistep"] = "renoise"  # the exported TLCMScheduler's sampler
     steps: int = Field(4, ge=1, le=64, description="step count the model card's usage snippet shows")
     # kohya key names: sgm (input_blocks_*, as kohya trains SDXL), diffusers (down_blocks_*, as for SD 1.x/2.x), auto

@@ -21,6 +21,7 @@ from .pairs import Batch, PairBatches
 from .stage import StageContext
 from .training import CheckpointIO, ParamWeights, TrainResult, TrainState, make_optimizer, train
 
+LOSS_PLOT = "loss.png"  # in every training stage's artifact, beside train_log.jsonl
 ConsistencyLoss = Callable[[Denoiser, Batch, Callable], torch.Tensor]  # (student, batch, distance) -> scalar
 
 
@@ -90,7 +91,8 @@ def train_consistency(ctx: StageContext, tcfg: TrainerConfig, loss_fn: Consisten
 
 def write_trained_lora(ctx: StageContext, unet, result: TrainResult, tcfg: TrainerConfig) -> dict:
     """The end of every training stage: the student's LoRA (with its config and base model in the metadata), the
-    training log and the loss table; the summary the manifest keeps. Only the main process writes."""
+    training log, the loss table and the loss curves (loss.png, one panel per term); the summary the manifest
+    keeps. Only the main process writes."""
     if ctx.accelerator is not None and not ctx.accelerator.is_main_process:
         return {}
     cfg, out, name = ctx.cfg, ctx.out, ctx.out.stage
@@ -98,6 +100,12 @@ def write_trained_lora(ctx: StageContext, unet, result: TrainResult, tcfg: Train
                      metadata=lora_metadata(cfg.lora, teacher_identity(cfg.teacher)))
     out.write_bytes("train_log.jsonl", "".join(json.dumps(r) + "\n" for r in result.log).encode())
     ctx.reporter.table(f"{name}-loss", result.log, description=f"{name} training loss")
+    if result.log:
+        from .plots import loss_curves_png
+
+        png = loss_curves_png(result.log, title=f"{name}: training loss ({tcfg.iterations} iterations)")
+        out.write_bytes(LOSS_PLOT, png)
+        ctx.reporter.image(f"{name}-loss-curve", png, description=f"{name} training loss")
     last = result.log[-1] if result.log else {}
     return {"iterations": tcfg.iterations, "final_loss": last.get("loss"),
             "final": {k: v for k, v in last.items() if k not in ("step", "lr", "elapsed_s")},

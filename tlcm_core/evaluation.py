@@ -2,22 +2,27 @@
 
 Rows have one shape for teacher and student: method, steps, prompt_accuracy, frechet, seconds_per_image,
 plus a 95% interval for accuracy. In the toy world the metrics come from the shipped toy evaluator; for
-real teachers the field's metrics (CLIP score, aesthetic, ImageReward, FID) plug in here.
+real teachers the field's metrics (CLIP score, aesthetic, ImageReward, HPSv2, PickScore, FID) plug in here.
+Other methods' few-step LoRAs (ForeignLoRA) are sampled with the stock diffusers scheduler each ships
+(SchedulerSampler), in the same protocol: same prompts, starting noise, seeds and metrics (docs/metrics.md).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .config import PipelineConfig
-from .lora import load_lora_into, merge_lora
-from .models import (Denoiser, decode_latents, encode_prompts, latent_shape, load_pipeline, resolve_device,
-                     resolve_dtype)
+from .config import LoRAConfig, PipelineConfig
+from .lora import LoRAError, load_lora_into, merge_lora
+from .models import (Conditioning, Denoiser, decode_latents, encode_prompts, latent_shape, load_pipeline,
+                     resolve_device, resolve_dtype)
 from .progress import Reporter
 from .samplers import ddim_sample, student_x0_fn, teacher_x0_fn, tlcm_sample
 from .schedule import NoiseSchedule, ddim_timesteps, milestones, sampler_timesteps
@@ -92,24 +97,207 @@ class Sampler:
             cond = self.cond[pidx.to(self.cond.prompt_embeds.device)].to(self.device, dtype)
             x_T = noise[idx].to(self.device, dtype)
             t0 = time.perf_counter()
-            if self.student:
-                g = torch.Generator().manual_seed(seed * 7 + i)
-                x0 = tlcm_sample(student_x0_fn(self.denoiser, cond), x_T, sampler_timesteps(steps, bounds),
-                                 self.schedule, mode=mode, generator=g)
-            else:
-                unc = self.uncond.to(self.device, dtype)
-                x0 = ddim_sample(teacher_x0_fn(self.denoiser, cond, unc, self.cfg.schedule.guidance), x_T,
-                                 ddim_timesteps(steps, self.schedule.T), self.schedule)
+            x0 = self.latents(steps, x_T, cond, torch.Generator().manual_seed(seed * 7 + i), mode, bounds)
             img = decode_latents(self.pipe, x0)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             yield img.cpu(), [self.prompts[j] for j in pidx.tolist()], time.perf_counter() - t0
+
+    def latents(self, steps: int, x_T: torch.Tensor, cond, generator: torch.Generator, mode: str = "renoise",
+                bounds=None) -> torch.Tensor:
+        """x0 latents from x_T: the student's TLCM sampler, or the teacher's DDIM + CFG."""
+        if self.student:
+            bounds = bounds if bounds is not None else milestones(self.schedule.T, self.cfg.schedule.segments)
+            return tlcm_sample(student_x0_fn(self.denoiser, cond), x_T, sampler_timesteps(steps, bounds),
+                               self.schedule, mode=mode, generator=generator)
+        unc = self.uncond.to(self.device, x_T.dtype)
+        return ddim_sample(teacher_x0_fn(self.denoiser, cond, unc, self.cfg.schedule.guidance), x_T,
+                           ddim_timesteps(steps, self.schedule.T), self.schedule)
 
     def sample(self, steps: int, n: int, seed: int, batch_size: int, mode: str = "renoise"
                ) -> tuple[torch.Tensor, list[str], float]:
         """All images at once (small n only: evaluate_rows streams batches into the metrics instead)."""
         out = list(self.batches(steps, n, seed, batch_size, mode))
         return (torch.cat([o[0] for o in out]), [p for o in out for p in o[1]], sum(o[2] for o in out) / n)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Other methods' few-step LoRAs (LCM-LoRA, TCD, PCM, Hyper-SD, DMD2, SDXL-Lightning): the stock scheduler each ships
+
+
+# `tlcm eval --scheduler` names -> how their LoRAs are sampled in their model cards
+STOCK_SCHEDULERS = {"lcm": "LCMScheduler (LCM-LoRA, DMD2 LoRA)", "tcd": "TCDScheduler, eta 0.3 (TCD, PCM)",
+                    "euler-trailing": "EulerDiscreteScheduler, trailing timesteps (SDXL-Lightning)",
+                    "ddim-trailing": "DDIMScheduler, trailing timesteps (Hyper-SD)"}
+FOREIGN_ADAPTER = "foreign"
+
+
+@dataclass(eq=False)
+class ForeignLoRA:
+    """A LoRA evaluated with a stock diffusers scheduler instead of the TLCM sampler, in the same protocol (prompts,
+    starting noise, seeds, metrics). `tlcm` is set for one of our LoRAs (loaded with its alpha and merged, as the
+    student's rows); any other file goes through diffusers' `load_lora_weights` (diffusers or kohya keys) and is fused.
+    guidance > 1 adds CFG (on the UNet output, as diffusers pipelines); distilled LoRAs run without (0 or 1)."""
+
+    state: dict[str, torch.Tensor]
+    url: str
+    scheduler: str
+    guidance: float = 1.0
+    tlcm: LoRAConfig | None = None
+
+    @property
+    def method(self) -> str:
+        cfg = f"-cfg{self.guidance:g}" if self.guidance > 1 else ""
+        return f"{'tlcm' if self.tlcm is not None else 'lora'}-{self.scheduler}{cfg}"
+
+
+def stock_scheduler(name: str, base_config):
+    """The scheduler a method's model card sets, built from the teacher's scheduler config as those cards do
+    (`XScheduler.from_config(pipe.scheduler.config, ...)`)."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
+
+    if name == "lcm":
+        return LCMScheduler.from_config(base_config)
+    if name == "tcd":
+        return TCDScheduler.from_config(base_config)
+    if name == "euler-trailing":
+        return EulerDiscreteScheduler.from_config(base_config, timestep_spacing="trailing")
+    if name == "ddim-trailing":  # SDXL's shipped config says clip_sample=false; DDIM's class default would clip latents
+        return DDIMScheduler.from_config(base_config, timestep_spacing="trailing", clip_sample=False)
+    raise ValueError(f"unknown stock scheduler {name!r}; one of {', '.join(STOCK_SCHEDULERS)}")
+
+
+def scheduler_sample(unet, scheduler, x_T: torch.Tensor, steps: int, cond, uncond, guidance: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """x0 latents by a stock diffusers scheduler, the loop its pipelines run: x_T x init_noise_sigma, then per timestep
+    scale_model_input -> UNet (CFG on its output when guidance > 1) -> scheduler.step (its noise from `generator`)."""
+    from .schedule import cfg as cfg_mix
+
+    scheduler.set_timesteps(steps, device=x_T.device)
+    x, n = x_T * scheduler.init_noise_sigma, x_T.shape[0]
+    both = Conditioning.cat([uncond.expand(n), cond]) if guidance > 1 else cond
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t)
+        x_in = torch.cat([x_in, x_in]) if guidance > 1 else x_in
+        out = unet(x_in, t.expand(x_in.shape[0]), **both.unet_kwargs(), return_dict=False)[0]
+        out = cfg_mix(out[:n], out[n:], guidance) if guidance > 1 else out
+        x = scheduler.step(out, t, x, generator=generator, return_dict=False)[0]
+    return x
+
+
+@contextmanager
+def _quiet_diffusers():
+    """diffusers logs every LoRA load (no text-encoder keys, a failed load) to stderr; load_foreign_lora says what
+    matters in one LoRAError line instead."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity(dlog.CRITICAL)
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+
+
+def load_foreign_lora(pipe, lora: ForeignLoRA) -> None:
+    """Load `lora` into the pipeline and fold it into the weights; one LoRAError line when it does not fit."""
+    if lora.tlcm is not None:
+        load_lora_into(pipe.unet, lora.state, lora.tlcm)
+        merge_lora(pipe.unet)
+        return
+    with _quiet_diffusers():
+        try:
+            converted, _ = pipe.lora_state_dict(dict(lora.state), unet_config=pipe.unet.config)
+            pipe.load_lora_weights(dict(lora.state), adapter_name=FOREIGN_ADAPTER)
+        except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
+            detail = " ".join(str(e).split())
+            raise LoRAError(f"{lora.url}: does not fit the teacher's UNet ({detail[:300]})") from None
+        # diffusers only warns about LoRA keys that match no layer: count what was attached
+        wanted = sum(1 for k in converted if k.endswith((".lora_A.weight", ".lora.down.weight", ".lora_B.weight",
+                                                         ".lora.up.weight")))
+        parts = [m for m in (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
+                 if m is not None]
+        got = sum(1 for m in parts for k, _ in m.named_parameters()
+                  if f".{FOREIGN_ADAPTER}." in k and (".lora_A." in k or ".lora_B." in k))
+        if got == 0 or got < wanted:
+            what = (f"{wanted - got} of its {wanted} LoRA tensors match no layer of" if wanted > got
+                    else "none of its tensors loads into")
+            raise LoRAError(f"{lora.url}: {what} the teacher's UNet or text encoders (a LoRA for another base "
+                            "model?)")
+        pipe.fuse_lora(adapter_names=[FOREIGN_ADAPTER])
+
+
+class SchedulerSampler(Sampler):
+    """A LoRA sampled the way its method ships it (ForeignLoRA): a stock diffusers scheduler on the LoRA's UNet, with
+    the same prompts and starting noise as every other row."""
+
+    def __init__(self, cfg: PipelineConfig, pipe, lora: ForeignLoRA):
+        load_foreign_lora(pipe, lora)  # before the prompts are encoded: a kohya file may adapt the text encoders too
+        super().__init__(cfg, pipe, None)
+        self.lora, self.scheduler = lora, stock_scheduler(lora.scheduler, pipe.scheduler.config)
+
+    def latents(self, steps: int, x_T: torch.Tensor, cond, generator: torch.Generator, mode: str = "renoise",
+                bounds=None) -> torch.Tensor:
+        unc = self.uncond.to(self.device, x_T.dtype)
+        return scheduler_sample(self.pipe.unet, self.scheduler, x_T, steps, cond, unc, self.lora.guidance, generator)
+
+
+def make_sampler(cfg: PipelineConfig, pipe, lora: dict | ForeignLoRA | None) -> Sampler:
+    return SchedulerSampler(cfg, pipe, lora) if isinstance(lora, ForeignLoRA) else Sampler(cfg, pipe, lora)
+
+
+def _lora_bytes(ref: str) -> tuple[bytes, str]:
+    from .lora import _read
+
+    root = ref.rstrip("/")
+    candidates = [ref] if ref.endswith(".safetensors") else [
+        f"{root}/lora.safetensors", f"{root}/diffusers/pytorch_lora_weights.safetensors",
+        f"{root}/pytorch_lora_weights.safetensors"]
+    for url in candidates:
+        raw = _read(url)
+        if raw is not None:
+            return raw, url
+    raise LoRAError(f"no TLCM LoRA or diffusers/kohya LoRA file at {ref} (looked for {', '.join(candidates)})")
+
+
+def eval_lora(ref: str, cfg: PipelineConfig, fmt: str = "auto", scheduler: str | None = None,
+              guidance: float | None = None) -> dict | ForeignLoRA:
+    """What `tlcm eval --lora REF` evaluates: a TLCM LoRA's state (the TLCM sampler), or a ForeignLoRA (a stock
+    scheduler). fmt auto: tlcm when the file has tlcm-lora/1 metadata, else diffusers (diffusers or kohya keys).
+    Refused (LoRAError, before the teacher loads): unreadable, a TLCM LoRA of another rank or base model, a
+    non-TLCM LoRA without --scheduler, a TLCM file with alpha != rank through diffusers' loader (it drops alpha)."""
+    from safetensors.torch import load
+
+    from .lora import check_lora, read_lora
+    from .models import teacher_identity
+
+    raw, url = _lora_bytes(ref)
+    try:
+        state, header = load(raw), json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    except Exception as e:
+        raise LoRAError(f"{url} is not a readable safetensors file ({e})") from None
+    metadata = dict(header.get("__metadata__") or {})
+    is_tlcm = metadata.get("format") == "tlcm-lora/1"
+    fmt = ("tlcm" if is_tlcm else "diffusers") if fmt == "auto" else fmt
+    if scheduler not in (None, "tlcm", *STOCK_SCHEDULERS):
+        raise LoRAError(f"--scheduler {scheduler}: one of tlcm, {', '.join(STOCK_SCHEDULERS)}")
+    if fmt == "tlcm":
+        lf = read_lora(url, cfg.lora, teacher_identity(cfg.teacher))
+        if scheduler in (None, "tlcm"):
+            if guidance is not None:
+                raise LoRAError(f"--guidance {guidance:g}: the TLCM sampler has no CFG (the guidance scale is "
+                                "distilled into the LoRA); --guidance goes with a stock --scheduler")
+            return lf.state
+        return ForeignLoRA(lf.state, lf.url, scheduler, 1.0 if guidance is None else guidance, tlcm=lf.config)
+    if scheduler in (None, "tlcm"):
+        raise LoRAError(f"{url} is not a TLCM LoRA (no tlcm-lora/1 metadata): say which scheduler its method samples "
+                        "it with, --scheduler " + "; ".join(f"{k} = {v}" for k, v in STOCK_SCHEDULERS.items()))
+    if is_tlcm:
+        saved = check_lora(state, metadata, where=url)
+        if saved.alpha != saved.rank:
+            raise LoRAError(f"{url}: a TLCM LoRA with alpha {saved.alpha:g} != rank {saved.rank}, which diffusers' "
+                            "loader would drop; use --lora-format tlcm (or auto), or its exported diffusers file")
+    return ForeignLoRA(state, url, scheduler, 1.0 if guidance is None else guidance)
 
 
 def grid_png(images: torch.Tensor, prompts: list[str] | None = None, cols: int = 8) -> bytes:
@@ -128,6 +316,57 @@ def grid_png(images: torch.Tensor, prompts: list[str] | None = None, cols: int =
         img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def side_by_side_names(names: list[str], student_steps: tuple[int, ...] = (2, 4)) -> list[str]:
+    """The rows a side-by-side shows: the teacher at its most steps (the quality reference), then the student at
+    `student_steps` (else at its two fewest steps). Names are `method@steps` (evaluate_rows)."""
+    parsed = [(n, n.rsplit("@", 1)[0], int(n.rsplit("@", 1)[1])) for n in names]
+    teacher = [p for p in parsed if p[1] == "teacher-ddim-cfg"]
+    student = sorted((p for p in parsed if p[1] != "teacher-ddim-cfg"), key=lambda p: p[2])
+    picked = [p for p in student if p[2] in student_steps] or student[:2]
+    return ([max(teacher, key=lambda p: p[2])[0]] if teacher else []) + [p[0] for p in picked]
+
+
+def side_by_side_png(samples: dict[str, tuple[torch.Tensor, list[str]]], cols: int = 8, cell: int | None = None,
+                     label_width: int = 150) -> bytes | None:
+    """One compact image: a row per method (side_by_side_names), a column per sample; every column is the same
+    prompt from the same starting noise, headed by its prompt. None when there is nothing to compare."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    names = side_by_side_names(list(samples))
+    if len(names) < 2:
+        return None
+    n = min(cols, *(len(samples[k][0]) for k in names))
+    h, w = samples[names[0]][0].shape[2:]
+    cell = cell or (128 if h <= 64 else 192)  # the height of a tile: toy images go up 4x, SDXL's down
+    size = (max(1, round(cell * w / h)), cell)
+    head, pad = 34, 4
+    canvas = Image.new("RGB", (label_width + n * (size[0] + pad), head + len(names) * (cell + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=13)
+    for c, prompt in enumerate(samples[names[0]][1][:n]):
+        lines = ["", ""]  # the prompt on two lines as wide as a cell, cut with an ellipsis
+        for word in prompt.split():
+            k = 0 if draw.textlength(f"{lines[0]} {word}", font=font) <= size[0] and not lines[1] else 1
+            lines[k] = f"{lines[k]} {word}".strip()
+        if draw.textlength(lines[1], font=font) > size[0]:
+            while len(lines[1]) > 1 and draw.textlength(lines[1] + "…", font=font) > size[0]:
+                lines[1] = lines[1][:-1]
+            lines[1] += "…"
+        draw.multiline_text((label_width + c * (size[0] + pad), 2), "\n".join(lines), fill="black", font=font)
+    for r, name in enumerate(names):
+        y = head + r * (cell + pad)
+        method, steps = name.rsplit("@", 1)
+        who = "teacher DDIM+CFG" if method == "teacher-ddim-cfg" else f"student {method}"
+        draw.multiline_text((6, y + cell // 2 - 16), f"{who}\n{steps} steps", fill="black", font=font, spacing=4)
+        arr = (samples[name][0][:n].clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        for c in range(n):
+            resample = Image.NEAREST if arr.shape[1] < cell else Image.LANCZOS  # tiny toy pixels stay crisp
+            canvas.paste(Image.fromarray(arr[c]).resize(size, resample), (label_width + c * (size[0] + pad), y))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -190,19 +429,41 @@ def metrics_for(cfg: PipelineConfig, device: torch.device):
     return None
 
 
-def evaluate_rows(cfg: PipelineConfig, lora: dict | None, steps: list[int], reporter: Reporter,
-                  include_teacher_steps: list[int] | None = None, grids: dict | None = None) -> list[dict]:
+def fid_teacher_steps(cfg: PipelineConfig) -> int | None:
+    """The teacher row whose samples are FID's reference set (evaluate.metrics.fid_reference=teacher), else None."""
+    m = cfg.evaluate.metrics
+    real_fid = metrics_kind(cfg) == "real" and "fid" in m.run
+    return m.fid_teacher_steps if real_fid and m.fid_reference == "teacher" else None
+
+
+def eval_jobs(cfg: PipelineConfig, lora: dict | ForeignLoRA | None, steps: list[int],
+              include_teacher_steps: list[int] | None = None) -> list[tuple[str, int, dict | ForeignLoRA | None]]:
+    """(method, steps, lora) per row, in sampling order: the teacher's rows, then the LoRA's. The FID reference row
+    (fid_teacher_steps) comes first, sampled once, also when it is not asked for as a row."""
+    teacher_steps = list(steps if lora is None else (include_teacher_steps or []))
+    ref = fid_teacher_steps(cfg)
+    if ref is not None:
+        teacher_steps = [ref] + [s for s in teacher_steps if s != ref]
+    jobs: list[tuple[str, int, dict | ForeignLoRA | None]] = [("teacher-ddim-cfg", s, None) for s in teacher_steps]
+    if lora is not None:
+        method = lora.method if isinstance(lora, ForeignLoRA) else f"tlcm-{cfg.evaluate.sampler}"
+        jobs += [(method, s, lora) for s in steps]
+    return jobs
+
+
+def evaluate_rows(cfg: PipelineConfig, lora: dict | ForeignLoRA | None, steps: list[int], reporter: Reporter,
+                  include_teacher_steps: list[int] | None = None, grids: dict | None = None,
+                  samples: dict | None = None) -> list[dict]:
     """Rows for the student (lora given) at `steps`, and for the teacher (DDIM + CFG) at `include_teacher_steps`
-    (or at `steps` when lora is None). `grids`, if a dict, receives PNG bytes per row name."""
+    (or at `steps` when lora is None). `grids`, if a dict, receives PNG bytes per row name; `samples`, if a dict,
+    the grid's images and prompts per row name (the same prompts and starting noise in every row). A ForeignLoRA is
+    sampled with its stock scheduler (SchedulerSampler). With fid_reference=teacher the teacher's samples at
+    fid_teacher_steps are FID's reference (eval_jobs samples them first)."""
     ev = cfg.evaluate
     device = resolve_device(cfg.compute)
     pipe = load_pipeline(cfg.teacher, device, resolve_dtype(cfg.compute, device))
     metrics = metrics_for(cfg, device)
-    jobs: list[tuple[str, int, dict | None]] = []
-    teacher_steps = steps if lora is None else (include_teacher_steps or [])
-    jobs += [("teacher-ddim-cfg", s, None) for s in teacher_steps]
-    if lora is not None:
-        jobs += [(f"tlcm-{ev.sampler}", s, lora) for s in steps]
+    jobs, ref_steps = eval_jobs(cfg, lora, steps, include_teacher_steps), fid_teacher_steps(cfg)
     rows = []
     samplers: dict[bool, Sampler] = {}
     for method, n_steps, lo in jobs:
@@ -210,16 +471,19 @@ def evaluate_rows(cfg: PipelineConfig, lora: dict | None, steps: list[int], repo
         if key not in samplers:
             if key and False in samplers:  # the teacher's pipeline gets the LoRA: load a fresh one for the student
                 pipe = load_pipeline(cfg.teacher, device, resolve_dtype(cfg.compute, device))
-            samplers[key] = Sampler(cfg, pipe, lo)
+            samplers[key] = make_sampler(cfg, pipe, lo)
         sampler = samplers[key]
         name = f"{method}@{n_steps}"
         if metrics is not None:
             metrics.reset()
-        seconds, done, shown = 0.0, 0, []
+        seconds, done, shown, shown_prompts = 0.0, 0, [], []
         for images, prompts, sec in sampler.batches(n_steps, ev.num_samples, ev.seed, ev.batch_size, ev.sampler):
             if metrics is not None:  # streamed: memory stays one batch, whatever num_samples is
                 metrics.update(images, prompts)
+                if lo is None and n_steps == ref_steps:  # the teacher's samples: FID's reference set, reused
+                    metrics.update_reference(images)
             if len(shown) < ev.grid_size:
+                shown_prompts += prompts[:ev.grid_size - len(shown)]
                 shown += list(images[:ev.grid_size - len(shown)])
             seconds, done = seconds + sec, done + len(images)
             reporter.progress(f"evaluate {name}", done, ev.num_samples)
@@ -230,23 +494,47 @@ def evaluate_rows(cfg: PipelineConfig, lora: dict | None, steps: list[int], repo
         rows.append(row)
         if grids is not None and shown:
             grids[name] = grid_png(torch.stack(shown))
+        if samples is not None and shown:
+            samples[name] = (torch.stack(shown), shown_prompts)
     return rows
 
 
 # TLCM Table 1's columns (method, steps, time per image, FID, CS, AS, IR) when rows carry the real metrics
 TABLE1_COLUMNS = {"method": "method", "steps": "steps", "seconds_per_image": "time/img (s)", "fid": "FID",
-                  "clip_score": "CS", "aesthetic_score": "AS", "image_reward": "IR"}
+                  "fid_teacher": "FID (teacher)", "clip_score": "CS", "aesthetic_score": "AS", "image_reward": "IR",
+                  "hpsv2": "HPSv2", "pickscore": "PickScore"}
+
+
+def round_sig(value, digits: int = 4):
+    """Floats to `digits` significant digits (inside lists and dicts too), for tables a person reads; the JSON
+    artifacts keep full precision."""
+    if isinstance(value, float) and math.isfinite(value) and value != 0:
+        return round(value, digits - 1 - math.floor(math.log10(abs(value))))
+    if isinstance(value, (list, tuple)):
+        return [round_sig(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: round_sig(v, digits) for k, v in value.items()}
+    return value
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_cell(v) for v in value) + "]"
+    return str(value)
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     headers = {}
-    if columns is None and any(k in r for r in rows for k in ("fid", "clip_score", "aesthetic_score", "image_reward")):
+    metrics = [k for k in TABLE1_COLUMNS if k not in ("method", "steps", "seconds_per_image")]
+    if columns is None and any(k in r for r in rows for k in metrics):  # the field's metrics: Table 1's columns
         columns, headers = list(TABLE1_COLUMNS), TABLE1_COLUMNS
     columns = columns or ["method", "steps", "prompt_accuracy", "accuracy_ci95", "frechet", "seconds_per_image"]
     columns = [c for c in columns if any(c in r for r in rows)]
     lines = ["| " + " | ".join(headers.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
+        lines.append("| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
 
 

@@ -11,6 +11,15 @@
                    weights-inception-2015-12-05-6726825d.pth). Pinned preprocessing, the same for generated and
                    reference images: centre-crop to a square, PIL bicubic resize to 299x299 (clean-fid's "clean"
                    resize), uint8; the extractor's own resize is then the identity.
+                   With evaluate.metrics.fid_reference=teacher the reference set is the teacher's own
+                   fid_teacher_steps-step (25) samples of the same prompts and noise instead (row key `fid_teacher`:
+                   the distance to the teacher; no real images needed).
+  hpsv2            HPSv2: 100 x cos(image, caption) with open_clip ViT-H-14 fine-tuned on HPD v2 (hub xswu/HPSv2,
+                   HPS_v2.1_compressed.pt by default; HPS_v2_compressed.pt is v2.0) and HPSv2's own preprocessing
+                   (hpsv2_preprocess: the longest side to 224 + zero padding, not CLIP's short side + centre crop)
+  pickscore        PickScore: exp(logit_scale) x cos(image, caption) with the transformers CLIPModel
+                   yuvalkirstain/PickScore_v1 (CLIP-ViT-H-14 fine-tuned on Pick-a-Pic) and the processor it was
+                   trained with (laion/CLIP-ViT-H-14-laion2B-s32B-b79K; pickscore_preprocess)
 
 Each metric's preprocessing is its reference implementation's on PIL images (CLIP: bicubic resize of the short
 side to 224 + centre crop + CLIP normalisation), so scores compare with published numbers. Images reach a metric
@@ -41,7 +50,13 @@ INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.
 FID_SIZE = 299
 FID_PREPROCESSING = "center-crop-square,pil-bicubic-299,uint8"  # part of the reference-statistics cache key
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-METRIC_KEYS = {"clip": "clip_score", "aesthetic": "aesthetic_score", "imagereward": "image_reward", "fid": "fid"}
+METRIC_KEYS = {"clip": "clip_score", "aesthetic": "aesthetic_score", "imagereward": "image_reward", "fid": "fid",
+               "hpsv2": "hpsv2", "pickscore": "pickscore"}
+# OpenAI CLIP's normalisation, which HPSv2 (its open_clip fork's default) and PickScore (its processor) both use
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HPSV2_SIZE = 224  # ViT-H-14's input; both scorers are pinned to it, as their releases were trained and reported
+PICKSCORE_SIZE = 224
 
 
 class MetricsError(UserError, RuntimeError):
@@ -281,6 +296,196 @@ class ImageRewardScore:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# HPSv2 and PickScore (human-preference models, both CLIP ViT-H-14 fine-tunes)
+
+
+def hpsv2_preprocess(image) -> torch.Tensor:
+    """HPSv2's evaluation transform (its open_clip fork's preprocess_val, built with resize_longest_max=True): RGB,
+    ToTensor (floats in [0, 1]), bicubic resize of the *longest* side to 224 on the tensor (antialias on, torchvision
+    >= 0.17's default for tensors), zero padding to 224 x 224 (left/top get the smaller half), then OpenAI CLIP's
+    mean/std. A square image is simply resized to 224 x 224. (3, 224, 224) float32."""
+    from torchvision.transforms import functional as TF
+
+    x = TF.to_tensor(image.convert("RGB"))
+    h, w = x.shape[1:]
+    scale = HPSV2_SIZE / max(h, w)
+    nh, nw = round(h * scale), round(w * scale)
+    if (nh, nw) != (h, w):
+        x = TF.resize(x, [nh, nw], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    ph, pw = HPSV2_SIZE - nh, HPSV2_SIZE - nw
+    x = TF.pad(x, [pw // 2, ph // 2, pw - pw // 2, ph - ph // 2], fill=0)
+    return TF.normalize(x, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+
+def pickscore_preprocess(image) -> torch.Tensor:
+    """PickScore's processor (the CLIPImageProcessor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K, on PIL images as it
+    ran when PickScore was published): RGB, PIL bicubic resize of the *shortest* side to 224 (the other side
+    int(224 x long / short)), centre crop 224 x 224 (offsets (size - 224) // 2), x / 255, OpenAI CLIP's mean/std.
+    (3, 224, 224) float32."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    w, h = image.size
+    n = PICKSCORE_SIZE
+    nw, nh = (n, int(n * h / w)) if w <= h else (int(n * w / h), n)
+    image = image.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - n) // 2, (nh - n) // 2
+    x = torch.from_numpy(np.asarray(image.crop((left, top, left + n, top + n)), dtype=np.float32) / 255)
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN), torch.tensor(OPENAI_CLIP_STD)
+    return ((x - mean) / std).permute(2, 0, 1).contiguous()
+
+
+def _square_size(size) -> int | None:
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    return size[0] if len(size) == 2 and size[0] == size[1] else None
+
+
+class HPSv2Score:
+    """HPSv2 = 100 x cos(image, caption) (the HPSv2 benchmark's scale; its `score()` returns the bare cosine): open_clip
+    `hpsv2_model` (ViT-H-14) with the HPSv2 checkpoint `hpsv2_weights` ({"state_dict": ...}, loaded with
+    weights_only=True), images through hpsv2_preprocess, captions through open_clip's tokenizer (77 tokens)."""
+
+    def __init__(self, cfg: MetricsConfig, device):
+        open_clip = _need("open_clip", "open-clip-torch", "evaluate.metrics.run=[hpsv2]")
+        try:  # the architecture only: the weights are the HPSv2 file's (a local-dir: model's own are replaced)
+            model = open_clip.create_model(cfg.hpsv2_model, pretrained=None, device="cpu")
+        except Exception as e:
+            raise MetricsError(f"evaluate.metrics.hpsv2_model={cfg.hpsv2_model!r}: open_clip cannot build it "
+                               f"({type(e).__name__}: {str(e)[:200]}); HPSv2 is ViT-H-14") from None
+        size = getattr(model.visual, "image_size", None)
+        if _square_size(size) != HPSV2_SIZE:
+            raise MetricsError(f"evaluate.metrics.hpsv2_model={cfg.hpsv2_model!r} takes {size} px images, but HPSv2 is "
+                               f"pinned to {HPSV2_SIZE} x {HPSV2_SIZE} (ViT-H-14, as released); use ViT-H-14")
+        path = fetch(cfg.hpsv2_weights, "evaluate.metrics.hpsv2_weights",
+                     "Download HPS_v2.1_compressed.pt (or HPS_v2_compressed.pt for v2.0) from the hub repo xswu/HPSv2 "
+                     "and set evaluate.metrics.hpsv2_weights=/path/to/it")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise MetricsError(f"{path}: not loadable as a plain checkpoint with weights_only=True "
+                               f"({type(e).__name__}: {str(e)[:200]}); refusing to unpickle it") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        try:
+            model.load_state_dict(state, strict=True)
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise MetricsError(f"{path}: not an HPSv2 checkpoint for open_clip {cfg.hpsv2_model} "
+                               f"({type(e).__name__}: {str(e)[:300]})") from None
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(cfg.hpsv2_model)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, pil: list, prompts: list[str]) -> torch.Tensor:
+        x = torch.stack([hpsv2_preprocess(im) for im in pil]).to(self.device)
+        img = torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
+        txt = torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(prompts).to(self.device)).float(),
+                                            dim=-1)
+        return 100 * (img * txt).sum(-1)
+
+
+def hf_source(ref: str, field: str, how: str) -> str:
+    """A hub id or local folder for from_pretrained; an fsspec URL of a folder is downloaded once into the cache."""
+    if ref.startswith("file://"):
+        return ref[len("file://"):]
+    if "://" not in ref:
+        return ref
+    dest = _cache_dir() / "models" / hashlib.sha256(ref.encode()).hexdigest()[:16]
+    if not (dest / "config.json").is_file() and not (dest / "preprocessor_config.json").is_file():
+        import tempfile
+
+        import fsspec
+
+        try:
+            fs, path = fsspec.core.url_to_fs(ref)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=dest.parent))
+            fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+            os.replace(tmp, dest)
+        except Exception as e:
+            raise MetricsError(f"evaluate.metrics.{field}={ref!r}: cannot fetch it ({type(e).__name__}: "
+                               f"{str(e)[:200]}). {how}") from None
+    return str(dest)
+
+
+# what PickScore's processor must say for pickscore_preprocess to be its preprocessing
+_PICKSCORE_PROCESSOR = {"do_resize": True, "size": {"shortest_edge": PICKSCORE_SIZE}, "resample": 3,
+                        "do_center_crop": True, "crop_size": {"height": PICKSCORE_SIZE, "width": PICKSCORE_SIZE},
+                        "do_rescale": True, "do_normalize": True}
+
+
+def _size(v) -> dict:
+    """transformers 4 keeps sizes as dicts, 5 as SizeDict dataclasses with unset fields None."""
+    import dataclasses
+
+    v = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else dict(v or {})
+    return {k: x for k, x in v.items() if x is not None}
+
+
+def _check_pickscore_processor(ip, ref: str) -> None:
+    seen = {k: getattr(ip, k, None) for k in _PICKSCORE_PROCESSOR}
+    seen["size"], seen["crop_size"] = _size(seen["size"]), _size(seen["crop_size"])
+    seen["resample"] = int(seen["resample"]) if seen["resample"] is not None else None
+    bad = {k: v for k, v in seen.items() if v != _PICKSCORE_PROCESSOR[k]}
+    if abs(float(getattr(ip, "rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+        bad["rescale_factor"] = ip.rescale_factor
+    for k, want in (("image_mean", OPENAI_CLIP_MEAN), ("image_std", OPENAI_CLIP_STD)):
+        got = list(getattr(ip, k, None) or [])
+        if len(got) != 3 or max(abs(a - b) for a, b in zip(got, want)) > 1e-6:
+            bad[k] = got
+    if bad:
+        raise MetricsError(f"evaluate.metrics.pickscore_processor={ref!r}: its image settings {bad} are not "
+                           f"PickScore's pinned preprocessing ({PICKSCORE_SIZE} px shortest side, bicubic, "
+                           f"{PICKSCORE_SIZE} x {PICKSCORE_SIZE} centre crop, OpenAI CLIP mean/std); use "
+                           "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+
+
+class PickScore:
+    """PickScore = exp(logit_scale) x cos(image, caption) of the transformers CLIPModel `pickscore_model`, images
+    through pickscore_preprocess, captions through the processor's tokenizer (padding to the longest, truncation at
+    77)."""
+
+    def __init__(self, cfg: MetricsConfig, device):
+        transformers = _need("transformers", "transformers", "evaluate.metrics.run=[pickscore]")
+        how = ("Download the hub repos yuvalkirstain/PickScore_v1 (the model) and "
+               "laion/CLIP-ViT-H-14-laion2B-s32B-b79K (its processor) and set evaluate.metrics.pickscore_model / "
+               "pickscore_processor to the folders (or fill the Hugging Face cache and set HF_HUB_OFFLINE=1)")
+        transformers.utils.logging.disable_progress_bar()  # loading bars say nothing useful in a pipeline log
+        loaded = []
+        for field, cls in (("pickscore_model", transformers.CLIPModel), ("pickscore_processor",
+                                                                           transformers.AutoProcessor)):
+            ref = getattr(cfg, field)
+            try:
+                loaded.append(cls.from_pretrained(hf_source(ref, field, how)))
+            except MetricsError:
+                raise
+            except Exception as e:
+                raise MetricsError(f"evaluate.metrics.{field}={ref!r}: cannot load it ({type(e).__name__}: "
+                                   f"{str(e)[:200]}). {how}") from None
+        model, processor = loaded
+        size = model.config.vision_config.image_size
+        if _square_size(size) != PICKSCORE_SIZE:
+            raise MetricsError(f"evaluate.metrics.pickscore_model={cfg.pickscore_model!r} takes {size} px images, but "
+                               f"PickScore is pinned to {PICKSCORE_SIZE} x {PICKSCORE_SIZE} (CLIP-ViT-H-14, as "
+                               "released)")
+        _check_pickscore_processor(processor.image_processor, cfg.pickscore_processor)
+        self.model, self.tokenizer = model.to(device).eval().requires_grad_(False), processor.tokenizer
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, pil: list, prompts: list[str]) -> torch.Tensor:
+        m = self.model
+        x = torch.stack([pickscore_preprocess(im) for im in pil]).to(self.device, m.dtype)
+        t = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt")
+        # the projections of the pooled outputs, i.e. get_image_features / get_text_features (whose return type
+        # differs between transformers 4 and 5)
+        img = m.visual_projection(m.vision_model(pixel_values=x).pooler_output)
+        txt = m.text_projection(m.text_model(input_ids=t.input_ids.to(self.device),
+                                             attention_mask=t.attention_mask.to(self.device)).pooler_output)
+        cos = (torch.nn.functional.normalize(img.float(), dim=-1) * torch.nn.functional.normalize(txt.float(), dim=-1))
+        return m.logit_scale.exp().float() * cos.sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # FID
 
 
@@ -306,14 +511,17 @@ def _safe_inception_path(cfg: MetricsConfig) -> str:
 
 class FID:
     """Frechet Inception Distance of generated images against the reference folder; reference statistics are
-    computed once (and cached on disk per folder listing + weights file + preprocessing)."""
+    computed once (and cached on disk per folder listing + weights file + preprocessing). With fid_reference=teacher
+    the reference set is whatever `update_reference` is given (evaluate_rows: the teacher's samples), not cached."""
 
     def __init__(self, cfg: MetricsConfig, device, feature: torch.nn.Module | None = None):
         """`feature` replaces InceptionV3 by another uint8-image feature extractor (tests); its reference statistics
         are not cached."""
-        if not cfg.reference_images:
+        self.teacher_reference = cfg.fid_reference == "teacher"
+        if not cfg.reference_images and not self.teacher_reference:
             raise MetricsError("FID needs reference images: set evaluate.metrics.reference_images to a folder (any "
-                               "fsspec URL) of real images, e.g. COCO-2017 val2017/, or drop 'fid' from "
+                               "fsspec URL) of real images, e.g. COCO-2017 val2017/, or measure against the teacher's "
+                               "own samples with evaluate.metrics.fid_reference=teacher, or drop 'fid' from "
                                "evaluate.metrics.run")
         fid_mod = _need("torchmetrics.image.fid", "torchmetrics", "FID")
         if feature is None:
@@ -326,8 +534,9 @@ class FID:
             self.weights = None
             self.metric = fid_mod.FrechetInceptionDistance(feature=feature, reset_real_features=False,
                                                            normalize=False).to(device)
-        self.device, self.batch_size = device, cfg.batch_size
-        self._load_reference(cfg.reference_images)
+        self.device, self.batch_size, self.num_reference = device, cfg.batch_size, 0
+        if not self.teacher_reference:
+            self._load_reference(cfg.reference_images)
 
     def _load_reference(self, url: str) -> None:
         import fsspec
@@ -370,7 +579,18 @@ class FID:
     def update(self, pil: list) -> None:
         self.metric.update(torch.stack([fid_preprocess(im) for im in pil]).to(self.device), real=False)
 
+    @torch.no_grad()
+    def update_reference(self, pil: list) -> None:
+        """Add images to the reference set (fid_reference=teacher), through the same pinned preprocessing."""
+        self.metric.update(torch.stack([fid_preprocess(im) for im in pil]).to(self.device), real=True)
+        self.num_reference += len(pil)
+
     def compute(self) -> float:
+        if self.num_reference < 2:
+            raise MetricsError(f"FID has {self.num_reference} reference image(s), it needs at least 2"
+                               + (": with evaluate.metrics.fid_reference=teacher the teacher's samples are the "
+                                  "reference and must be given first (evaluate_rows samples them first)"
+                                  if self.teacher_reference else ""))
         return float(self.metric.compute())
 
 
@@ -380,7 +600,8 @@ class FID:
 
 class RealMetrics:
     """Table 1's metrics for one row of images. Stream a row with reset/update/compute, or call it on all at once
-    (`metrics(images, prompts) -> {"clip_score", "aesthetic_score", "image_reward", "fid"}`, as ToyMetrics)."""
+    (`metrics(images, prompts) -> {"clip_score", "aesthetic_score", "image_reward", "fid", ...}`, as ToyMetrics);
+    the keys are METRIC_KEYS of evaluate.metrics.run, with "fid_teacher" for FID when fid_reference=teacher."""
 
     def __init__(self, cfg: MetricsConfig, device: torch.device | str = "cpu",
                  fid_feature: torch.nn.Module | None = None):
@@ -392,6 +613,10 @@ class RealMetrics:
             self.scorers["aesthetic_score"] = AestheticScore(cfg, self.device)
         if "imagereward" in cfg.run:
             self.scorers["image_reward"] = ImageRewardScore(cfg, self.device)
+        if "hpsv2" in cfg.run:
+            self.scorers["hpsv2"] = HPSv2Score(cfg, self.device)
+        if "pickscore" in cfg.run:
+            self.scorers["pickscore"] = PickScore(cfg, self.device)
         self.fid = FID(cfg, self.device, fid_feature) if "fid" in cfg.run else None
         self.reset()
 
@@ -413,6 +638,18 @@ class RealMetrics:
                 self.fid.update(pil)
         self._n += len(images)
 
+    def update_reference(self, images: torch.Tensor) -> None:
+        """FID's reference images when evaluate.metrics.fid_reference=teacher (the teacher's samples); kept across
+        `reset`, which clears only the generated images' statistics."""
+        if self.fid is None or not self.fid.teacher_reference:
+            raise ValueError("update_reference needs 'fid' in evaluate.metrics.run and fid_reference=teacher")
+        for i in range(0, len(images), self.cfg.batch_size):
+            self.fid.update_reference(to_pil(images[i:i + self.cfg.batch_size]))
+
+    @property
+    def fid_key(self) -> str:
+        return "fid_teacher" if self.fid is not None and self.fid.teacher_reference else "fid"
+
     def compute(self) -> dict:
         if self._n == 0:
             raise ValueError("no images were scored")
@@ -420,7 +657,7 @@ class RealMetrics:
         if self.fid is not None:
             if self._n < 2:
                 raise ValueError("FID needs at least 2 generated images")
-            out["fid"] = round(self.fid.compute(), 3)
+            out[self.fid_key] = round(self.fid.compute(), 3)
         return out
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> dict:
@@ -429,5 +666,6 @@ class RealMetrics:
         return self.compute()
 
 
-__all__ = ["AESTHETIC_FILE", "FID", "FID_PREPROCESSING", "INCEPTION_FILE", "MetricsError", "RealMetrics",
-           "fid_preprocess", "load_captions", "reference_image_urls", "to_pil"]
+__all__ = ["AESTHETIC_FILE", "FID", "FID_PREPROCESSING", "HPSV2_SIZE", "HPSv2Score", "INCEPTION_FILE", "MetricsError",
+           "PICKSCORE_SIZE", "PickScore", "RealMetrics", "fid_preprocess", "hpsv2_preprocess", "load_captions",
+           "pickscore_preprocess", "reference_image_urls", "to_pil"]

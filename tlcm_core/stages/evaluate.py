@@ -4,24 +4,36 @@ tlcm_core/evaluation.py)."""
 
 from __future__ import annotations
 
-from ..evaluation import evaluate_rows, markdown_table, uses_captions
+from ..evaluation import evaluate_rows, markdown_table, side_by_side_png, uses_captions
 from ..lora import read_lora
 from ..models import teacher_identity
+from ..plots import metrics_vs_steps_png
 from ..stage import Stage, StageContext
 from .common import final_lora_stage
+
+SIDE_BY_SIDE = "grids/side-by-side.png"  # what the run report shows (tlcm_core/report.py)
+METRICS_PLOT = "plots/metrics.png"
 
 
 def run(ctx: StageContext) -> dict:
     cfg, out_art, reporter, lora_art = ctx.cfg, ctx.out, ctx.reporter, ctx.inputs.get("lora")
     lora = read_lora(lora_art, cfg.lora, teacher_identity(cfg.teacher)).state if lora_art is not None else None
     grids: dict[str, bytes] = {}
+    samples: dict = {}
     rows = evaluate_rows(cfg, lora, cfg.evaluate.steps, reporter, include_teacher_steps=cfg.evaluate.teacher_steps,
-                         grids=grids)
+                         grids=grids, samples=samples)
     out_art.write_json("metrics.json", rows)
     out_art.write_bytes("metrics.md", (markdown_table(rows) + "\n").encode())
     for name, png in grids.items():
         out_art.write_bytes(f"grids/{name.replace('@', '-')}.png", png)
         reporter.image(f"grid-{name}", png, description=f"samples: {name}")
+    side = side_by_side_png(samples)  # the teacher at its most steps above the student at 2 and 4, same noise
+    if side is not None:
+        out_art.write_bytes(SIDE_BY_SIDE, side)
+        reporter.image("side-by-side", side, description="same prompts, same starting noise: teacher vs student")
+    plot = metrics_vs_steps_png(rows, title=f"evaluate: {rows[0]['samples']} samples per row" if rows else "")
+    out_art.write_bytes(METRICS_PLOT, plot)
+    reporter.image("metrics-plot", plot, description="metrics against sampling steps")
     reporter.table("metrics", rows, description=f"evaluate ({lora_art.uri if lora_art else 'teacher only'})")
     return {"rows": rows}
 
@@ -37,4 +49,5 @@ def _reads(cfg) -> tuple[str, ...]:
     return ("teacher", "evaluate", "schedule", "lora", "compute.dtype", *prompts)
 
 
-STAGE = Stage("evaluate", version=2, run=run, inputs=_inputs, reads=_reads)
+# version 3: the side-by-side grid and the metrics plot
+STAGE = Stage("evaluate", version=3, run=run, inputs=_inputs, reads=_reads)
