@@ -8,9 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from tiny_lora import LORA, PROMPTS, fresh_pipe, pipeline_latents, reference_latents, teacher, trained_lora
+from tiny_lora import diffusers_export, LORA, PROMPTS, fresh_pipe, pipeline_latents, reference_latents, teacher, trained_lora
 
-from tlcm_core.lora_files import base_configs, export_files, write_files
 from tlcm_core.scheduler import TLCMScheduler
 
 EXACT = dict(rtol=0.0, atol=0.0)
@@ -26,10 +25,7 @@ def _differs(a: torch.Tensor, b: torch.Tensor, by: float) -> bool:
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    state, meta = trained_lora()
-    out = tmp_path_factory.mktemp("export")
-    write_files(export_files(state, meta, ["diffusers"], *base_configs(teacher()), segments=8), str(out))
-    return out
+    return diffusers_export(tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="module")

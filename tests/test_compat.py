@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from tiny_lora import PROMPTS, fresh_pipe, pipeline_latents, reference_latents, teacher, trained_lora
+from tiny_lora import diffusers_export, PROMPTS, fresh_pipe, pipeline_latents, reference_latents, teacher, trained_lora
 
 from tlcm_core.config import LoRAConfig
 from tlcm_core.lora_files import base_configs, export_files, write_files
@@ -18,10 +18,7 @@ STEPS, SEED = 2, 21
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    state, meta = trained_lora()
-    out = tmp_path_factory.mktemp("export")
-    write_files(export_files(state, meta, ["diffusers"], *base_configs(teacher()), segments=8), str(out))
-    return out
+    return diffusers_export(tmp_path_factory.mktemp("export"))
 
 
 def _tlcm(pipe, export_dir):

@@ -17,6 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
+from test_metrics import TinyFeatures  # noqa: E402 - the same fast FID feature stand-in
+
 from tlcm_core.config import MetricsConfig, load_config
 from tlcm_core.metrics import (HPSV2_SIZE, MetricsError, RealMetrics, hpsv2_preprocess, pickscore_preprocess,
                                to_pil)
@@ -212,19 +214,6 @@ def test_pickscore_refusals(pick, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # FID against the teacher's samples
-
-
-class TinyFeatures(torch.nn.Module):
-    """A fixed random projection of 8x8-pooled pixels: a fast stand-in for InceptionV3 with real FID behaviour."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(3 * 8 * 8, 16)
-        with torch.no_grad():
-            self.proj.weight.copy_(torch.randn(16, 192, generator=torch.Generator().manual_seed(3)) / 8)
-
-    def forward(self, x):
-        return self.proj(torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 8).flatten(1)).double()
 
 
 def test_fid_against_the_teacher_images():

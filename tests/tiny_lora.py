@@ -79,3 +79,12 @@ def pipeline_latents(pipe, steps: int, seed: int, prompts=PROMPTS, resolution: i
     """The same through a diffusers pipeline (whatever LoRA and scheduler it holds), one CPU generator."""
     return pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=0.0, height=resolution,
                 width=resolution, generator=torch.Generator().manual_seed(seed), output_type="latent", **kw).images
+
+
+def diffusers_export(out) -> Path:
+    """The tiny trained LoRA exported in the diffusers layout (what stock pipelines load) into folder `out`."""
+    from tlcm_core.lora_files import base_configs, export_files, write_files
+
+    state, meta = trained_lora()
+    write_files(export_files(state, meta, ["diffusers"], *base_configs(teacher()), segments=8), str(out))
+    return Path(out)
