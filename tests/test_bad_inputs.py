@@ -33,14 +33,16 @@ def no_expensive_work(monkeypatch):
     import diffusers
 
     import tlcm_core.consistency as consistency
-    import tlcm_core.stages.evaluate as evaluate
     import tlcm_core.models as models
+    import tlcm_core.stages.evaluate as evaluate
+    import tlcm_core.stages.teacher_evaluate as teacher_evaluate
 
     def expensive(*a, **k):
         raise AssertionError("expensive work started before the bad input was reported")
 
     for mod, name in [(models, "load_pipeline"), (models, "load_unet"), (consistency, "load_unet"),
-                      (evaluate, "evaluate_rows"), (diffusers.DiffusionPipeline, "from_pretrained")]:
+                      (evaluate, "evaluate_rows"), (teacher_evaluate, "teacher_rows"),
+                      (diffusers.DiffusionPipeline, "from_pretrained")]:
         monkeypatch.setattr(mod, name, expensive)
 
 

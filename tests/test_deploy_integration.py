@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 BUCKET = f"tlcm-it-{uuid.uuid4().hex[:8]}"
 STORE = f"s3://{BUCKET}/run"
-STAGES = ["teacher-trajectories", "mlcd", "evaluate"]
+STAGES = ["teacher-trajectories", "mlcd", "teacher-evaluate", "evaluate"]  # teacher-evaluate: implied by evaluate
 
 
 def overrides(teacher: str, *extra: str) -> list[str]:
@@ -164,7 +164,7 @@ def deployed(stack):
     with stack.client() as c:
         names = {d.name for d in c.read_deployments()}
     assert {"full-distill", "teacher-trajectories", "latent-lpips", "mlcd", "lcd-trajectories", "lcd", "finetune",
-            "evaluate", "export", "toy-teacher"} <= names
+            "teacher-evaluate", "evaluate", "export", "toy-teacher"} <= names
     return stack
 
 
@@ -225,7 +225,7 @@ def test_full_distill_runs_each_stage_as_its_own_deployment_run(deployed, first_
         assert r.parameters["stages"] == [stage] and r.parameters["dispatch"] == "local"
         by_stage.setdefault(stage, []).append(r)
     assert sorted(by_stage) == sorted(STAGES), by_stage.keys()
-    assert len(by_stage["mlcd"]) == 1 and len(by_stage["evaluate"]) == 1
+    assert len(by_stage["mlcd"]) == 1 and len(by_stage["teacher-evaluate"]) == 1 and len(by_stage["evaluate"]) == 1
     # shard_runs=2: 4 shards split over two runs with `shards`, then one final run without shards commits
     traj = by_stage["teacher-trajectories"]
     assert sorted(str(r.parameters.get("shards")) for r in traj) == ["None", "[0, 1]", "[2, 3]"]
@@ -234,6 +234,7 @@ def test_full_distill_runs_each_stage_as_its_own_deployment_run(deployed, first_
     # stages ran in order, each after the one it reads
     assert final.end_time <= by_stage["mlcd"][0].start_time <= by_stage["mlcd"][0].end_time \
         <= by_stage["evaluate"][0].start_time
+    assert by_stage["teacher-evaluate"][0].end_time <= by_stage["evaluate"][0].start_time
     # every artifact's manifest is in the bucket and verifies
     p = deployed.plan()
     store = deployed.store()

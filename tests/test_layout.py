@@ -162,12 +162,16 @@ def test_fingerprints_follow_the_declared_reads():
     assert {s: p.fingerprint for s, p in bookkeeping.stages.items()} == \
         {s: p.fingerprint for s, p in base.stages.items()}
     evaluate_only = plan(load_config("toy-fast", [stages, "evaluate.num_samples=8"]))
-    assert [s for s in base.stages if evaluate_only[s].fingerprint != base[s].fingerprint] == ["evaluate"]
+    assert [s for s in base.stages if evaluate_only[s].fingerprint != base[s].fingerprint] == \
+        ["teacher-evaluate", "evaluate"]  # the protocol: the teacher's rows too
+    for student in ("evaluate.steps=[1,2]", "evaluate.sampler=multistep"):  # the student's alone
+        changed = plan(load_config("toy-fast", [stages, student]))
+        assert [s for s in base.stages if changed[s].fingerprint != base[s].fingerprint] == ["evaluate"], student
 
 
 @pytest.mark.slow
 def test_every_stage_reads_exactly_what_it_declares(tmp_path, monkeypatch):
-    """All eight stages on a tiny toy run (latent LPIPS as MLCD's distance, every finetune term, every export
+    """All nine stages on a tiny toy run (latent LPIPS as MLCD's distance, every finetune term, every export
     format): no stage reads a config path it did not declare (the view would raise), and every declared read is
     used (a stale declaration would hash a setting that changes nothing)."""
     import tlcm_core.pipeline as pipeline

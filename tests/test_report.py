@@ -140,14 +140,16 @@ def test_report_has_the_headline_table_grid_losses_and_stage_times(toy_run):
     assert png_size(report.images["side-by-side.png"])[1] > 3 * 128  # teacher@25, student@2, student@4
     # each stage: status, compute time from its manifest, artifact URI
     stages = _table_rows(report.markdown, "| stage | status | compute time | finished (UTC) | artifact |")
-    assert [r[0] for r in stages] == ["teacher-trajectories", "mlcd", "evaluate"]
+    assert [r[0] for r in stages] == ["teacher-trajectories", "mlcd", "teacher-evaluate", "evaluate"]
     for row, res in zip(stages, results):
         assert row[1] == "complete" and row[2] == f"{res.summary['wall_seconds']:.1f} s" and res.uri in row[4]
     flow_view = build_report(cfg, results=[{"stage": "teacher-trajectories", "cached": True},
-                                           {"stage": "mlcd", "cached": False}, {"stage": "evaluate", "cached": False}])
+                                           {"stage": "mlcd", "cached": False},
+                                           {"stage": "teacher-evaluate", "cached": True},
+                                           {"stage": "evaluate", "cached": False}])
     statuses = [r[1] for r in _table_rows(flow_view.markdown, "| stage | status | compute time | finished (UTC) | "
                                                               "artifact |")]
-    assert statuses == ["cache hit", "computed", "computed"]
+    assert statuses == ["cache hit", "computed", "cache hit", "computed"]
     # saved beside the artifacts, images referenced relatively; inlined as data URIs for the Prefect UI
     uri = report.save(store)
     folder = Path(uri).parent

@@ -35,14 +35,15 @@ def tiny_config(teacher: str, store: str, *extra: str):
 def test_pipeline_runs_caches_and_reuses(tiny_teacher, tmp_path):
     cfg = tiny_config(tiny_teacher, str(tmp_path / "store"))
     first = run_pipeline(cfg, reporter=SilentReporter())
-    assert [r.stage for r in first] == ["teacher-trajectories", "mlcd", "evaluate"]
+    # teacher-evaluate (evaluate's teacher rows) runs with evaluate without being listed in `stages`
+    assert [r.stage for r in first] == ["teacher-trajectories", "mlcd", "teacher-evaluate", "evaluate"]
     assert not any(r.cached for r in first)
     store = open_store(cfg)
     for r in first:
         m = store.artifact(r.stage, r.fingerprint).manifest(verify="checksum")
         assert m.fingerprint == r.fingerprint and m.files
     assert first[0].summary["num_samples"] == 48
-    rows = first[2].summary["rows"]
+    rows = first[3].summary["rows"]
     assert [(r["method"], r["steps"]) for r in rows] == [("teacher-ddim-cfg", 2), ("tlcm-renoise", 1),
                                                          ("tlcm-renoise", 2)]
     log = store.artifact("mlcd", first[1].fingerprint).read_bytes("train_log.jsonl").decode().splitlines()
@@ -52,15 +53,15 @@ def test_pipeline_runs_caches_and_reuses(tiny_teacher, tmp_path):
     assert all(r.cached for r in again)
     assert [r.uri for r in again] == [r.uri for r in first]
 
-    # a new MLCD setting reuses the trajectories and recomputes MLCD and what depends on it
+    # a new MLCD setting reuses the trajectories and the teacher's rows, recomputes MLCD and what depends on it
     cfg2 = tiny_config(tiny_teacher, str(tmp_path / "store"), "mlcd.lr=2e-4")
     third = run_pipeline(cfg2, reporter=SilentReporter())
-    assert [r.cached for r in third] == [True, False, False]
+    assert [r.cached for r in third] == [True, False, True, False]
     assert third[1].fingerprint != first[1].fingerprint
 
-    # --force on MLCD recomputes it and evaluate, not the trajectories
+    # --force on MLCD recomputes it and evaluate, not the trajectories (nor the teacher's rows)
     forced = run_pipeline(cfg, force=["mlcd"], reporter=SilentReporter())
-    assert [r.cached for r in forced] == [True, False, False]
+    assert [r.cached for r in forced] == [True, False, True, False]
     assert forced[1].fingerprint == first[1].fingerprint
 
 
@@ -72,7 +73,7 @@ def test_fingerprints_follow_the_config(tiny_teacher, tmp_path):
     assert batch["teacher-trajectories"].fingerprint == base["teacher-trajectories"].fingerprint
     assert batch["mlcd"].fingerprint == base["mlcd"].fingerprint
     skip = plan(tiny_config(tiny_teacher, str(tmp_path), "schedule.skip=10"))
-    assert all(skip[s].fingerprint != base[s].fingerprint for s in base.stages)
+    assert [s for s in base.stages if skip[s].fingerprint == base[s].fingerprint] == ["teacher-evaluate"]  # DDIM
     assert base.dependents("mlcd") == ["mlcd", "evaluate"]
 
 

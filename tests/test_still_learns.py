@@ -89,7 +89,7 @@ def still_learns_config(store: str):
 def test_stage1_from_scratch_beats_the_teachers_two_step_ddim(tmp_path):
     cfg = still_learns_config(str(tmp_path / "store"))
     results = {r.stage: r for r in run_pipeline(cfg)}
-    assert list(results) == ["teacher-trajectories", "mlcd", "evaluate"]
+    assert list(results) == ["teacher-trajectories", "mlcd", "teacher-evaluate", "evaluate"]
     assert not any(r.cached for r in results.values()), "the store must be fresh: this test trains from scratch"
 
     # the MLCD loss fell: each log entry is the mean over one full pass over the same 256 pairs

@@ -26,6 +26,7 @@ STAGES = (
     "lcd-trajectories",
     "lcd",
     "finetune",
+    "teacher-evaluate",
     "evaluate",
     "export",
 )

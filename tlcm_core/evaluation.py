@@ -5,6 +5,11 @@ plus a 95% interval for accuracy. In the toy world the metrics come from the shi
 real teachers the field's metrics (CLIP score, aesthetic, ImageReward, HPSv2, PickScore, FID) plug in here.
 Other methods' few-step LoRAs (ForeignLoRA) are sampled with the stock diffusers scheduler each ships
 (SchedulerSampler), in the same protocol: same prompts, starting noise, seeds and metrics (docs/metrics.md).
+
+In the pipeline the teacher's rows are sampled once per teacher and protocol by stage teacher-evaluate
+(`teacher_rows`, kept as `TeacherRows`: rows, grids, the side-by-side's teacher images, FID's reference statistics)
+and merged into the student's by stage evaluate (`evaluate_rows(teacher=...)`), which then samples only the LoRA;
+`tlcm eval` (no store) samples both in process. Both give the same numbers.
 """
 
 from __future__ import annotations
@@ -89,7 +94,8 @@ class Sampler:
         """Yield (images in [0, 1], their prompts, UNet+VAE seconds) batch by batch, prompts i % P, the same
         starting noise for every method and step count."""
         noise = eval_noise(n, self.shape, seed)
-        bounds = milestones(self.schedule.T, self.cfg.schedule.segments)
+        # the student's milestones (the teacher's DDIM has none: stage teacher-evaluate does not read schedule.segments)
+        bounds = milestones(self.schedule.T, self.cfg.schedule.segments) if self.student else None
         dtype = self.pipe.unet.dtype
         for i in range(0, n, batch_size):
             idx = torch.arange(i, min(i + batch_size, n))
@@ -451,19 +457,110 @@ def eval_jobs(cfg: PipelineConfig, lora: dict | ForeignLoRA | None, steps: list[
     return jobs
 
 
+def teacher_row_steps(cfg: PipelineConfig, with_lora: bool) -> list[int]:
+    """The teacher's rows of the evaluate stage, in sampling order (stage teacher-evaluate samples them): the FID
+    reference row first (fid_teacher_steps), then evaluate.teacher_steps, or evaluate.steps when there is no LoRA
+    (the teacher alone). Empty: the evaluate stage needs nothing of the teacher."""
+    ev = cfg.evaluate
+    return [s for _, s, _ in eval_jobs(cfg, None, ev.teacher_steps if with_lora else ev.steps)]
+
+
+@dataclass
+class TeacherRows:
+    """The teacher's rows of an evaluation, sampled once (stage teacher-evaluate) and merged into the student's
+    (evaluate_rows(teacher=...)): the rows, their grids (PNG by row name), the images and prompts of the row a
+    side-by-side shows (the teacher at its most steps), and FID's reference statistics when the teacher's samples
+    are FID's reference (fid_reference=teacher)."""
+
+    rows: list[dict]
+    grids: dict[str, bytes]
+    shown: dict[str, tuple[torch.Tensor, list[str]]]
+    fid_reference: dict[str, torch.Tensor] | None = None
+
+
+TEACHER_SHOWN = "side_by_side.safetensors"  # the side-by-side's teacher images, uint8 as the grid draws them
+FID_REFERENCE = "fid_reference.safetensors"  # FID's reference statistics (torchmetrics' real_features_*)
+
+
+def grid_file(name: str) -> str:
+    """An artifact's grid of row `method@steps`."""
+    return f"grids/{name.replace('@', '-')}.png"
+
+
+def teacher_rows(cfg: PipelineConfig, steps: list[int], reporter: Reporter) -> TeacherRows:
+    """Sample and measure the teacher (DDIM + CFG) at `steps`, in eval_jobs' order (the FID reference row first),
+    exactly as evaluate_rows does for its teacher rows."""
+    grids: dict[str, bytes] = {}
+    samples: dict = {}
+    rows, metrics = _sample_rows(cfg, eval_jobs(cfg, None, steps), reporter, grids, samples)
+    keep = side_by_side_names(list(samples))[:1]  # the teacher at its most steps: all a side-by-side shows of it
+    ref = metrics.reference_state() if metrics is not None and fid_teacher_steps(cfg) is not None else None
+    return TeacherRows(rows, grids, {k: samples[k] for k in keep}, ref)
+
+
+def save_teacher_rows(art, t: TeacherRows) -> None:
+    """Into an artifact: metrics.json and metrics.md, grids/*.png, TEACHER_SHOWN, FID_REFERENCE."""
+    art.write_json("metrics.json", t.rows)
+    art.write_bytes("metrics.md", (markdown_table(t.rows) + "\n").encode())
+    for name, png in t.grids.items():
+        art.write_bytes(grid_file(name), png)
+    for name, (images, prompts) in t.shown.items():
+        # the very conversion side_by_side_png applies: reloaded as u8 / 255, the grid draws the same pixels
+        u8 = (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        art.save_tensors(TEACHER_SHOWN, {"images": torch.from_numpy(u8)}, {"row": name, "prompts": json.dumps(prompts)})
+    if t.fid_reference is not None:
+        art.save_tensors(FID_REFERENCE, t.fid_reference)
+
+
+def load_teacher_rows(art) -> TeacherRows:
+    """What save_teacher_rows wrote (grids in row order)."""
+    rows = art.read_json("metrics.json")
+    names = [f"{r['method']}@{r['steps']}" for r in rows]
+    grids = {n: art.read_bytes(grid_file(n)) for n in names if art.exists_file(grid_file(n))}
+    shown = {}
+    if art.exists_file(TEACHER_SHOWN):
+        meta = art.tensors_metadata(TEACHER_SHOWN)
+        shown[meta["row"]] = (art.load_tensors(TEACHER_SHOWN)["images"].float() / 255, json.loads(meta["prompts"]))
+    return TeacherRows(rows, grids, shown, art.load_tensors(FID_REFERENCE) if art.exists_file(FID_REFERENCE) else None)
+
+
 def evaluate_rows(cfg: PipelineConfig, lora: dict | ForeignLoRA | None, steps: list[int], reporter: Reporter,
                   include_teacher_steps: list[int] | None = None, grids: dict | None = None,
-                  samples: dict | None = None) -> list[dict]:
+                  samples: dict | None = None, teacher: TeacherRows | None = None) -> list[dict]:
     """Rows for the student (lora given) at `steps`, and for the teacher (DDIM + CFG) at `include_teacher_steps`
     (or at `steps` when lora is None). `grids`, if a dict, receives PNG bytes per row name; `samples`, if a dict,
     the grid's images and prompts per row name (the same prompts and starting noise in every row). A ForeignLoRA is
     sampled with its stock scheduler (SchedulerSampler). With fid_reference=teacher the teacher's samples at
-    fid_teacher_steps are FID's reference (eval_jobs samples them first)."""
-    ev = cfg.evaluate
+    fid_teacher_steps are FID's reference (eval_jobs samples them first).
+
+    `teacher`: the teacher's rows sampled before (teacher_rows; stage teacher-evaluate). Then the teacher is not
+    sampled: its rows, grids and side-by-side images come first, as if sampled here, and FID's reference is its
+    stored statistics; only the LoRA's rows are sampled."""
+    jobs = eval_jobs(cfg, lora, steps, include_teacher_steps)
+    if teacher is None:
+        return _sample_rows(cfg, jobs, reporter, grids, samples)[0]
+    if grids is not None:
+        grids.update(teacher.grids)
+    if samples is not None:
+        samples.update(teacher.shown)
+    rows, _ = _sample_rows(cfg, [j for j in jobs if j[2] is not None], reporter, grids, samples,
+                           teacher.fid_reference)
+    return [*teacher.rows, *rows]
+
+
+def _sample_rows(cfg: PipelineConfig, jobs: list[tuple[str, int, dict | ForeignLoRA | None]], reporter: Reporter,
+                 grids: dict | None, samples: dict | None,
+                 fid_reference: dict | None = None) -> tuple[list[dict], object]:
+    """Sample and measure `jobs` (eval_jobs) row by row: (rows, the metrics object). Nothing loads when there is
+    nothing to sample; `fid_reference` restores FID's reference statistics (the teacher's, sampled before)."""
+    if not jobs:
+        return [], None
     device = resolve_device(cfg.compute)
     pipe = load_pipeline(cfg.teacher, device, resolve_dtype(cfg.compute, device))
     metrics = metrics_for(cfg, device)
-    jobs, ref_steps = eval_jobs(cfg, lora, steps, include_teacher_steps), fid_teacher_steps(cfg)
+    if fid_reference is not None:
+        metrics.load_reference_state(fid_reference)
+    ref_steps = fid_teacher_steps(cfg)
     rows = []
     samplers: dict[bool, Sampler] = {}
     for method, n_steps, lo in jobs:
@@ -472,31 +569,40 @@ def evaluate_rows(cfg: PipelineConfig, lora: dict | ForeignLoRA | None, steps: l
             if key and False in samplers:  # the teacher's pipeline gets the LoRA: load a fresh one for the student
                 pipe = load_pipeline(cfg.teacher, device, resolve_dtype(cfg.compute, device))
             samplers[key] = make_sampler(cfg, pipe, lo)
-        sampler = samplers[key]
+        row, shown, shown_prompts = _sample_row(cfg, samplers[key], method, n_steps, key, metrics, reporter,
+                                                reference=not key and n_steps == ref_steps)
         name = f"{method}@{n_steps}"
-        if metrics is not None:
-            metrics.reset()
-        seconds, done, shown, shown_prompts = 0.0, 0, [], []
-        for images, prompts, sec in sampler.batches(n_steps, ev.num_samples, ev.seed, ev.batch_size, ev.sampler):
-            if metrics is not None:  # streamed: memory stays one batch, whatever num_samples is
-                metrics.update(images, prompts)
-                if lo is None and n_steps == ref_steps:  # the teacher's samples: FID's reference set, reused
-                    metrics.update_reference(images)
-            if len(shown) < ev.grid_size:
-                shown_prompts += prompts[:ev.grid_size - len(shown)]
-                shown += list(images[:ev.grid_size - len(shown)])
-            seconds, done = seconds + sec, done + len(images)
-            reporter.progress(f"evaluate {name}", done, ev.num_samples)
-        row = {"method": method, "steps": n_steps, "samples": ev.num_samples,
-               "seconds_per_image": round(seconds / done, 5)}
-        if metrics is not None:
-            row.update(metrics.compute())
         rows.append(row)
         if grids is not None and shown:
             grids[name] = grid_png(torch.stack(shown))
         if samples is not None and shown:
             samples[name] = (torch.stack(shown), shown_prompts)
-    return rows
+    return rows, metrics
+
+
+def _sample_row(cfg: PipelineConfig, sampler: Sampler, method: str, n_steps: int, student: bool, metrics,
+                reporter: Reporter, reference: bool) -> tuple[dict, list[torch.Tensor], list[str]]:
+    """One row: its metrics streamed batch by batch, the first grid_size images and their prompts. `reference`:
+    these are the teacher's samples FID measures against (fid_reference=teacher)."""
+    ev, name = cfg.evaluate, f"{method}@{n_steps}"
+    mode = ev.sampler if student else "renoise"  # the student's sampler; the teacher's DDIM has no mode
+    if metrics is not None:
+        metrics.reset()
+    seconds, done, shown, shown_prompts = 0.0, 0, [], []
+    for images, prompts, sec in sampler.batches(n_steps, ev.num_samples, ev.seed, ev.batch_size, mode):
+        if metrics is not None:  # streamed: memory stays one batch, whatever num_samples is
+            metrics.update(images, prompts)
+            if reference:  # the teacher's samples: FID's reference set, reused
+                metrics.update_reference(images)
+        if len(shown) < ev.grid_size:
+            shown_prompts += prompts[:ev.grid_size - len(shown)]
+            shown += list(images[:ev.grid_size - len(shown)])
+        seconds, done = seconds + sec, done + len(images)
+        reporter.progress(f"evaluate {name}", done, ev.num_samples)
+    row = {"method": method, "steps": n_steps, "samples": ev.num_samples, "seconds_per_image": round(seconds / done, 5)}
+    if metrics is not None:
+        row.update(metrics.compute())
+    return row, shown, shown_prompts
 
 
 # TLCM Table 1's columns (method, steps, time per image, FID, CS, AS, IR) when rows carry the real metrics

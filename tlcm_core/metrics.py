@@ -512,7 +512,10 @@ def _safe_inception_path(cfg: MetricsConfig) -> str:
 class FID:
     """Frechet Inception Distance of generated images against the reference folder; reference statistics are
     computed once (and cached on disk per folder listing + weights file + preprocessing). With fid_reference=teacher
-    the reference set is whatever `update_reference` is given (evaluate_rows: the teacher's samples), not cached."""
+    the reference set is whatever `update_reference` is given (evaluate_rows: the teacher's samples), not cached;
+    stage teacher-evaluate keeps its statistics (reference_state) for the student's rows."""
+
+    REFERENCE_STATE = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
     def __init__(self, cfg: MetricsConfig, device, feature: torch.nn.Module | None = None):
         """`feature` replaces InceptionV3 by another uint8-image feature extractor (tests); its reference statistics
@@ -550,14 +553,10 @@ class FID:
             key = hashlib.sha256(json.dumps([url, listing, Path(self.weights).stat().st_size, FID_PREPROCESSING])
                                  .encode()).hexdigest()[:20]
             cache = _cache_dir() / "fid-reference" / f"{key}.safetensors"
-        names = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
         if cache is not None and cache.is_file():
             from safetensors.torch import load_file
 
-            saved = load_file(str(cache))
-            for n in names:
-                setattr(self.metric, n, saved[n].to(self.device))
-            self.num_reference = int(saved["real_features_num_samples"])
+            self.load_reference_state(load_file(str(cache)))
             return
         for i in range(0, len(files), self.batch_size):
             batch = []
@@ -570,7 +569,17 @@ class FID:
             from safetensors.torch import save_file
 
             cache.parent.mkdir(parents=True, exist_ok=True)
-            save_file({n: getattr(self.metric, n).detach().cpu().contiguous() for n in names}, str(cache))
+            save_file(self.reference_state(), str(cache))
+
+    def reference_state(self) -> dict[str, torch.Tensor]:
+        """The reference set's statistics (torchmetrics' sums, float64): what FID needs of the reference images."""
+        return {n: getattr(self.metric, n).detach().cpu().contiguous() for n in self.REFERENCE_STATE}
+
+    def load_reference_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore reference_state(): FID against those images, without them."""
+        for n in self.REFERENCE_STATE:
+            setattr(self.metric, n, state[n].to(self.device))
+        self.num_reference = int(state["real_features_num_samples"])
 
     def reset(self) -> None:
         self.metric.reset()  # generated-image statistics only (reset_real_features=False)
@@ -645,6 +654,18 @@ class RealMetrics:
             raise ValueError("update_reference needs 'fid' in evaluate.metrics.run and fid_reference=teacher")
         for i in range(0, len(images), self.cfg.batch_size):
             self.fid.update_reference(to_pil(images[i:i + self.cfg.batch_size]))
+
+    def reference_state(self) -> dict[str, torch.Tensor]:
+        """FID's reference statistics (fid_reference=teacher: the teacher's samples given to update_reference), to
+        measure later rows against with load_reference_state; identical numbers, none of the images."""
+        if self.fid is None:
+            raise ValueError("reference_state needs 'fid' in evaluate.metrics.run")
+        return self.fid.reference_state()
+
+    def load_reference_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.fid is None:
+            raise ValueError("load_reference_state needs 'fid' in evaluate.metrics.run")
+        self.fid.load_reference_state(state)
 
     @property
     def fid_key(self) -> str:

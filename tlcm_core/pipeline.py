@@ -109,7 +109,9 @@ def plan_run(cfg: PipelineConfig, stages: list[str] | None = None, force: list[s
         if s not in p.stages:
             raise PlanError(f"{flag} {s}: stage {s!r} is not part of this config's pipeline ({', '.join(p.stages)}); "
                             "add it to the config's `stages`")
-    todo = [s for s in p.stages if s in (stages or cfg.stages)]
+    # the configured pipeline: its stages and the implied stages they take as inputs (teacher-evaluate)
+    todo = [s for s in p.stages if s in stages] if stages else \
+        [s for s in p.stages if s in cfg.stages or REGISTRY[s].implied]
     forced: set[str] = set()
     for f in force or []:
         forced.update(p.dependents(f))
@@ -235,7 +237,7 @@ def preflight(cfg: PipelineConfig, stages: list[str]) -> None:
     from .evaluation import uses_captions
 
     captions = cfg.evaluate.metrics.captions
-    if "evaluate" in stages and uses_captions(cfg):
+    if {"teacher-evaluate", "evaluate"} & set(stages) and uses_captions(cfg):
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(captions)

@@ -2,7 +2,8 @@
 
 A stage module (tlcm_core/stages/<name>.py) ends with `STAGE = Stage(...)`: its name, version, input stages,
 the config it reads, its run function, whether it is sharded, whether it trains (data-parallel with
-compute.num_processes) and whether it makes a LoRA. Everything else is derived from that declaration:
+compute.num_processes), whether it makes a LoRA and whether the stages that take it as input imply it. Everything
+else is derived from that declaration:
 
 - the fingerprint hashes exactly the declared `reads` (minus the declared bookkeeping `uses`), the inputs'
   fingerprints and the version;
@@ -44,6 +45,9 @@ class Stage:
     num_shards: Callable[[PipelineConfig], int] | None = None  # set for stages several workers fill at once
     trains: bool = False  # a training stage: runs data-parallel in compute.num_processes processes
     makes_lora: bool = False
+    # runs with the configured pipeline whenever a planned stage takes it as an input, listed in `stages` or not
+    # (teacher-evaluate, for evaluate's teacher rows); `--stages` runs only what it names, as for every stage
+    implied: bool = False
 
     @property
     def sharded(self) -> bool:

@@ -8,6 +8,7 @@
 | lcd-trajectories     | stages/lcd_trajectories.py |
 | lcd                  | stages/lcd.py              |
 | finetune             | stages/finetune.py         |
+| teacher-evaluate     | stages/teacher_evaluate.py |
 | evaluate             | stages/evaluate.py         |
 | export               | stages/export.py           |
 
@@ -18,10 +19,11 @@ from __future__ import annotations
 
 from ..config import STAGES
 from ..stage import Stage
-from . import evaluate, export, finetune, latent_lpips, lcd, lcd_trajectories, mlcd, teacher_trajectories
+from . import (evaluate, export, finetune, latent_lpips, lcd, lcd_trajectories, mlcd, teacher_evaluate,
+               teacher_trajectories)
 
 REGISTRY: dict[str, Stage] = {m.STAGE.name: m.STAGE for m in (
-    teacher_trajectories, latent_lpips, mlcd, lcd_trajectories, lcd, finetune, evaluate, export)}
+    teacher_trajectories, latent_lpips, mlcd, lcd_trajectories, lcd, finetune, teacher_evaluate, evaluate, export)}
 
 assert tuple(REGISTRY) == STAGES, "config.STAGES (the dependency order) and the stage modules disagree"
 

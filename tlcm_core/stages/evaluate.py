@@ -1,10 +1,13 @@
-"""Stage `evaluate`: student rows for evaluate.steps and teacher rows for evaluate.teacher_steps, sample grids, and
-the metrics table (toy metrics in a toy world; CLIP score, aesthetic score, ImageReward and FID for real teachers;
-tlcm_core/evaluation.py)."""
+"""Stage `evaluate`: student rows for evaluate.steps, sample grids, and the metrics table (toy metrics in a toy
+world; CLIP score, aesthetic score, ImageReward and FID for real teachers; tlcm_core/evaluation.py). The teacher's
+rows (evaluate.teacher_steps, and the FID reference row with fid_reference=teacher) come sampled from the
+`teacher-evaluate` artifact, merged first into the table, the grids and the side-by-side; this stage never samples
+the teacher, so comparing LoRAs on one protocol samples the teacher once."""
 
 from __future__ import annotations
 
-from ..evaluation import evaluate_rows, markdown_table, side_by_side_png, uses_captions
+from ..evaluation import (TeacherRows, evaluate_rows, grid_file, load_teacher_rows, markdown_table, side_by_side_png,
+                          teacher_row_steps, uses_captions)
 from ..lora import read_lora
 from ..models import teacher_identity
 from ..plots import metrics_vs_steps_png
@@ -20,12 +23,13 @@ def run(ctx: StageContext) -> dict:
     lora = read_lora(lora_art, cfg.lora, teacher_identity(cfg.teacher)).state if lora_art is not None else None
     grids: dict[str, bytes] = {}
     samples: dict = {}
-    rows = evaluate_rows(cfg, lora, cfg.evaluate.steps, reporter, include_teacher_steps=cfg.evaluate.teacher_steps,
-                         grids=grids, samples=samples)
+    # no teacher input: no teacher rows asked for (empty rows, so the teacher is never sampled here either)
+    teacher = load_teacher_rows(ctx.inputs["teacher"]) if "teacher" in ctx.inputs else TeacherRows([], {}, {})
+    rows = evaluate_rows(cfg, lora, cfg.evaluate.steps, reporter, grids=grids, samples=samples, teacher=teacher)
     out_art.write_json("metrics.json", rows)
     out_art.write_bytes("metrics.md", (markdown_table(rows) + "\n").encode())
-    for name, png in grids.items():
-        out_art.write_bytes(f"grids/{name.replace('@', '-')}.png", png)
+    for name, png in grids.items():  # the teacher's grids too (copied): the artifact shows the whole table
+        out_art.write_bytes(grid_file(name), png)
         reporter.image(f"grid-{name}", png, description=f"samples: {name}")
     side = side_by_side_png(samples)  # the teacher at its most steps above the student at 2 and 4, same noise
     if side is not None:
@@ -40,7 +44,8 @@ def run(ctx: StageContext) -> dict:
 
 def _inputs(cfg) -> dict[str, str]:
     stage = final_lora_stage(cfg)
-    return {"lora": stage} if stage else {}
+    teacher = {"teacher": "teacher-evaluate"} if teacher_row_steps(cfg, with_lora=stage is not None) else {}
+    return {"lora": stage, **teacher} if stage else teacher
 
 
 def _reads(cfg) -> tuple[str, ...]:
@@ -49,5 +54,5 @@ def _reads(cfg) -> tuple[str, ...]:
     return ("teacher", "evaluate", "schedule", "lora", "compute.dtype", *prompts)
 
 
-# version 3: the side-by-side grid and the metrics plot
-STAGE = Stage("evaluate", version=3, run=run, inputs=_inputs, reads=_reads)
+# version 3: the side-by-side grid and the metrics plot; 4: the teacher's rows from the teacher-evaluate artifact
+STAGE = Stage("evaluate", version=4, run=run, inputs=_inputs, reads=_reads)
