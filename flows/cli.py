@@ -140,9 +140,14 @@ def cmd_artifacts(args) -> int:
 
 def cmd_report(args) -> int:
     """The run report of the config's finished run, from the store alone (no Prefect)."""
-    from tlcm_core.report import build_report
+    from tlcm_core.report import build_report, build_report_from_store
 
-    report = build_report(_load(args))
+    if args.config is None:  # the store alone: its newest evaluated run
+        from tlcm_core.config import StoreConfig
+
+        report = build_report_from_store(args.store or StoreConfig().url, args.evaluate)
+    else:
+        report = build_report(_load(args))
     if args.out:
         report.write(args.out)
         print(f"{args.out} ({len(report.images)} images beside it)")
@@ -208,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="the run report of a finished run: teacher vs student, side-by-side samples, "
                        "loss curves, stage times and artifacts (Markdown)")
     _config_args(r)
+    r.set_defaults(config=None)  # no --config: the store's newest evaluated run, found from its manifests
+    r.add_argument("--evaluate", default=None, metavar="FINGERPRINT",
+                   help="with --store alone: the evaluate artifact to report (a fingerprint prefix; default newest)")
     r.add_argument("--out", default=None, help="write the report to this file and its images beside it "
                    "(default: print the Markdown)")
     r.set_defaults(func=cmd_report)

@@ -196,6 +196,28 @@ def test_cli_report_writes_the_report_and_refuses_a_store_without_the_run(toy_ru
     assert "no such folder" in capsys.readouterr().err and not (tmp_path / "typo").exists()
 
 
+def test_cli_report_from_the_store_alone(toy_run, tmp_path, capsys):
+    """`tlcm report --store URL` with no config: the newest evaluated run, its stages found through the inputs each
+    manifest records; the same tables as the report built from the config."""
+    from flows.cli import main
+    from tlcm_core.report import build_report
+
+    cfg, _ = toy_run
+    assert main(["report", "--store", cfg.store.url]) == 0
+    text = capsys.readouterr().out
+    by_config = build_report(cfg).markdown
+    assert text.startswith("# TLCM run report: run ")
+    for section in ("## Teacher vs student", "## Stages"):  # same headline table and the same stage artifacts
+        assert text.split(section)[1].split("##")[0].strip() == by_config.split(section)[1].split("##")[0].strip()
+    assert main(["report", "--store", cfg.store.url, "--evaluate", "ffffffff"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: store ") and "ffffffff" in err and "\n" not in err.strip()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", "--store", str(empty)]) == 2
+    assert "no finished (evaluated) run" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ Prefect UI
 
 

@@ -9,7 +9,8 @@ as-is; `inline_markdown` embeds them as data URIs for a UI that shows one Markdo
 
 Fingerprints depend on the config alone (tlcm_core/pipeline.py), so `build_report(cfg)` finds a run's artifacts
 without knowing which process made them: `tlcm report --config NAME --store URL` rebuilds the report of any
-finished run. Saved reports live beside the artifacts, in `{store}/report/<evaluate fingerprint>/`.
+finished run; `tlcm report --store URL` alone reports the store's newest evaluated run, found through the inputs
+each manifest records. Saved reports live beside the artifacts, in `{store}/report/<evaluate fingerprint>/`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from .config import PipelineConfig
+from .config import STAGES, PipelineConfig
 from .consistency import LOSS_PLOT
 from .errors import UserError
 from .evaluation import markdown_table
@@ -184,12 +185,47 @@ def build_report(cfg: PipelineConfig, store: ArtifactStore | None = None,
     store = store or open_run_store(cfg)
     p = plan(cfg)
     cached = {r["stage"]: bool(r["cached"]) for r in results} if results is not None else None
-    records = stage_records(cfg, store, p, cached)
+    return render_report(cfg.name, store, stage_records(cfg, store, p, cached))
+
+
+def build_report_from_store(url: str, evaluate: str | None = None) -> RunReport:
+    """The report of a finished run found in the store alone, without its config: the newest complete evaluate
+    artifact (or the one whose fingerprint starts with `evaluate`) and, through each manifest's recorded inputs,
+    every artifact it was made from."""
+    store = _existing_store(url)
+    found = [m for m in store.list() if m.stage == "evaluate" and m.fingerprint.startswith(evaluate or "")]
+    if not found:
+        what = f"evaluate artifact {evaluate}*" if evaluate else "finished (evaluated) run"
+        raise NoFinishedRun(f"store {url} holds no {what}; `tlcm artifacts ls --store {url}` lists what it holds")
+    ev = max(found, key=lambda m: m.created)
+    records: dict[str, StageRecord] = {}
+
+    def visit(art: Artifact) -> None:
+        m = art.manifest(verify="size")
+        for uri in m.inputs.values():
+            up = store.open_uri(uri)
+            if up.uri not in records:
+                visit(up)
+        records[art.uri] = StageRecord(m.stage, art, m, "complete")
+
+    visit(store.artifact("evaluate", ev.fingerprint))
+    order = {s: i for i, s in enumerate(STAGES)}
+    return render_report(f"run {ev.fingerprint}", store, sorted(records.values(), key=lambda r: order[r.stage]))
+
+
+def _existing_store(url: str) -> ArtifactStore:
+    if ("://" not in url or url.startswith("file://")) and not os.path.isdir(os.path.expanduser(url.split("://")[-1])):
+        raise NoFinishedRun(f"store {url}: no such folder; give the --store a run wrote its artifacts to")
+    return ArtifactStore(url)
+
+
+def render_report(name: str, store: ArtifactStore, records: list[StageRecord]) -> RunReport:
+    """The Markdown and images of a run, from its stages' complete artifacts (evaluate among them)."""
     ev = next(r for r in records if r.stage == "evaluate")
     rows = ev.artifact.read_json("metrics.json")
     images = {"metrics.png": ev.artifact.read_bytes(METRICS_PLOT) if METRICS_PLOT in ev.manifest.files
               else metrics_vs_steps_png(rows)}
-    md = [f"# TLCM run report: {cfg.name}", "",
+    md = [f"# TLCM run report: {name}", "",
           f"Store `{store.url}`, evaluate artifact {_link(ev.artifact.uri)}; report made "
           f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.", "",
           "## Teacher vs student", "", markdown_table(headline_rows(rows)), "",
@@ -204,4 +240,4 @@ def build_report(cfg: PipelineConfig, store: ArtifactStore | None = None,
                 images[f"loss-{stage}.png"] = png
                 md += [f"![{stage} training loss](loss-{stage}.png)", ""]
     md += ["## Stages", "", stages_table(records), ""]
-    return RunReport(cfg.name, ev.manifest.fingerprint, "\n".join(md), images)
+    return RunReport(name, ev.manifest.fingerprint, "\n".join(md), images)
