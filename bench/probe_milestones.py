@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 
 from common import report
 from tlcm_core.config import load_config
