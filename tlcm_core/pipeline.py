@@ -61,7 +61,7 @@ class Plan:
 
 def plan(cfg: PipelineConfig) -> Plan:
     """Fingerprints for every stage the config's pipeline needs (its stages plus their inputs)."""
-    p = Plan()
+    p, derived = Plan(), {}
 
     def visit(name: str) -> PlannedStage:
         if name in p.stages:
@@ -72,7 +72,7 @@ def plan(cfg: PipelineConfig) -> Plan:
         except ValueError as e:
             raise PlanError(str(e)) from None
         fps = {k: visit(up).fingerprint for k, up in inputs.items()}
-        conf = config_slice(stage, cfg)
+        conf = config_slice(stage, cfg, derived)
         ps = PlannedStage(name, fingerprint(name, stage.version, conf, fps), inputs, conf, stage.version)
         p.stages[name] = ps
         return ps

@@ -76,17 +76,15 @@ class StageContext:
 
 
 def _derived(cfg: PipelineConfig, path: str) -> Any:
-    """Values hashed in place of a raw config field: what identifies the teacher's weights, and the prompt list's
-    content rather than its location."""
+    """Values hashed in place of a raw config field (the paths in DERIVED): what identifies the teacher's weights,
+    and the prompt list's content rather than its location."""
     if path == "teacher":
         from .models import teacher_identity
 
         return teacher_identity(cfg.teacher)
-    if path == "trajectories.prompts":
-        from .prompts import load_prompts, prompts_digest
+    from .prompts import load_prompts, prompts_digest
 
-        return prompts_digest(load_prompts(cfg.trajectories.prompts))
-    return None
+    return prompts_digest(load_prompts(cfg.trajectories.prompts))
 
 
 def _dump(cfg: PipelineConfig, path: str) -> Any:
@@ -99,16 +97,24 @@ def _dump(cfg: PipelineConfig, path: str) -> Any:
 DERIVED = ("teacher", "trajectories.prompts")
 
 
-def config_slice(stage: Stage, cfg: PipelineConfig) -> dict[str, Any]:
+def config_slice(stage: Stage, cfg: PipelineConfig, derived: dict[str, Any] | None = None) -> dict[str, Any]:
     """The part of the config that determines the stage's output: its declared reads (derived values in place of
-    the fields they stand for, also inside a declared section), less its bookkeeping uses."""
+    the fields they stand for, also inside a declared section), less its bookkeeping uses. `derived` keeps the
+    derived values between the stages of one plan (the toy teacher's identity hashes its files)."""
+    derived = {} if derived is None else derived
+
+    def value_of(path: str) -> Any:
+        if path not in derived:
+            derived[path] = _derived(cfg, path)
+        v = derived[path]
+        return dict(v) if isinstance(v, dict) else v  # each slice its own dict: `uses` below may pop from it
+
     out: dict[str, Any] = {}
     for path in stage.reads_for(cfg):
-        derived = _derived(cfg, path)
-        value = derived if derived is not None else _dump(cfg, path)
+        value = value_of(path) if path in DERIVED else _dump(cfg, path)
         for d in DERIVED:  # e.g. reads=("trajectories",): hash the prompts' digest, not the file's location
             if d.startswith(path + "."):
-                value[d[len(path) + 1:]] = _derived(cfg, d)
+                value[d[len(path) + 1:]] = value_of(d)
         if isinstance(value, dict):
             for use in stage.uses:
                 if use.startswith(path + "."):
