@@ -26,8 +26,8 @@ import torch
 
 from .config import LoRAConfig, PipelineConfig
 from .lora import LoRAError, load_lora_into, merge_lora
-from .models import (Conditioning, Denoiser, decode_latents, encode_prompts, latent_shape, load_pipeline,
-                     resolve_device, resolve_dtype)
+from .models import (Conditioning, Denoiser, decode_latents, encode_prompts, images_uint8, latent_shape,
+                     load_pipeline, resolve_device, resolve_dtype)
 from .progress import Reporter
 from .samplers import ddim_sample, student_x0_fn, teacher_x0_fn, tlcm_sample
 from .schedule import NoiseSchedule, ddim_timesteps, milestones, sampler_timesteps
@@ -313,7 +313,7 @@ def grid_png(images: torch.Tensor, prompts: list[str] | None = None, cols: int =
     rows = math.ceil(n / cols)
     h, w = images.shape[2], images.shape[3]
     canvas = np.zeros((rows * (h + 2), cols * (w + 2), 3), dtype=np.uint8)
-    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    arr = images_uint8(images)
     for k in range(n):
         r, c = divmod(k, cols)
         canvas[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = arr[k]
@@ -367,7 +367,7 @@ def side_by_side_png(samples: dict[str, tuple[torch.Tensor, list[str]]], cols: i
         method, steps = name.rsplit("@", 1)
         who = "teacher DDIM+CFG" if method == "teacher-ddim-cfg" else f"student {method}"
         draw.multiline_text((6, y + cell // 2 - 16), f"{who}\n{steps} steps", fill="black", font=font, spacing=4)
-        arr = (samples[name][0][:n].clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        arr = images_uint8(samples[name][0][:n])
         for c in range(n):
             resample = Image.NEAREST if arr.shape[1] < cell else Image.LANCZOS  # tiny toy pixels stay crisp
             canvas.paste(Image.fromarray(arr[c]).resize(size, resample), (label_width + c * (size[0] + pad), y))
@@ -506,8 +506,8 @@ def save_teacher_rows(art, t: TeacherRows) -> None:
         art.write_bytes(grid_file(name), png)
     for name, (images, prompts) in t.shown.items():
         # the very conversion side_by_side_png applies: reloaded as u8 / 255, the grid draws the same pixels
-        u8 = (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-        art.save_tensors(TEACHER_SHOWN, {"images": torch.from_numpy(u8)}, {"row": name, "prompts": json.dumps(prompts)})
+        u8 = torch.from_numpy(images_uint8(images)).permute(0, 3, 1, 2).contiguous()
+        art.save_tensors(TEACHER_SHOWN, {"images": u8}, {"row": name, "prompts": json.dumps(prompts)})
     if t.fid_reference is not None:
         art.save_tensors(FID_REFERENCE, t.fid_reference)
 

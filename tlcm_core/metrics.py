@@ -105,8 +105,9 @@ def to_pil(images: torch.Tensor) -> list:
     """(B, 3, H, W) in [0, 1] -> uint8 RGB PIL images (as the pipeline's PNGs)."""
     from PIL import Image
 
-    arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arr]
+    from .models import images_uint8
+
+    return [Image.fromarray(a) for a in images_uint8(images)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

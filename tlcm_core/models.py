@@ -368,6 +368,12 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     return decode_latents_grad(pipe, latents)
 
 
+def images_uint8(images: torch.Tensor):
+    """Images in [0, 1], (B, 3, H, W) -> uint8 pixels (B, H, W, 3) as a numpy array: what every PNG, grid and image
+    metric here sees."""
+    return (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+
+
 def decode_latents_grad(pipe, latents: torch.Tensor) -> torch.Tensor:
     """As decode_latents, differentiable w.r.t. the latents (the VAE itself stays frozen)."""
     vae = pipe.vae
