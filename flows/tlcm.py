@@ -31,13 +31,14 @@ def publish_summary(cfg: PipelineConfig, results: list[dict], ran_here: bool) ->
     if ev is None:
         return
     try:  # a view of committed artifacts: a store that refuses the read or write must not fail the run's work
-        report = build_report(cfg, open_store(cfg), results)
+        store = open_store(cfg)
+        report = build_report(cfg, store, results)
     except UserError as e:
         get_run_logger().warning(f"no run report: {e}")
         return
     where = "not saved"
     try:
-        where = report.save(open_store(cfg))
+        where = report.save(store)
     except UserError as e:
         get_run_logger().warning(f"run report not saved to the store: {e}")
     create_markdown_artifact(report.inline_markdown(), key="tlcm-report",

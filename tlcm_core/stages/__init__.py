@@ -19,12 +19,15 @@ from __future__ import annotations
 
 from ..config import STAGES
 from ..stage import Stage
-from . import (evaluate, export, finetune, latent_lpips, lcd, lcd_trajectories, mlcd, teacher_evaluate,
+from . import (common, evaluate, export, finetune, latent_lpips, lcd, lcd_trajectories, mlcd, teacher_evaluate,
                teacher_trajectories)
 
 REGISTRY: dict[str, Stage] = {m.STAGE.name: m.STAGE for m in (
     teacher_trajectories, latent_lpips, mlcd, lcd_trajectories, lcd, finetune, teacher_evaluate, evaluate, export)}
 
 assert tuple(REGISTRY) == STAGES, "config.STAGES (the dependency order) and the stage modules disagree"
+# common.LORA_STAGES lets a stage's `inputs` find the last LoRA before it without importing the other stage modules
+assert common.LORA_STAGES == tuple(n for n, s in REGISTRY.items() if s.makes_lora), \
+    "stages/common.py LORA_STAGES and the stages' makes_lora declarations disagree"
 
 __all__ = ["REGISTRY"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..config import STAGES, PipelineConfig
+from ..config import PipelineConfig
 
 # the config paths every training stage's output depends on besides its own section (compute.dtype matters on GPUs,
 # compute.num_processes is the data-parallel world size)
@@ -48,6 +48,3 @@ def final_lora_stage(cfg: PipelineConfig, before: str = "evaluate") -> str | Non
     lora = [s for s in upto if s in LORA_STAGES]
     return lora[-1] if lora else None
 
-
-def stage_order(names) -> list[str]:
-    return [s for s in STAGES if s in names]
