@@ -244,13 +244,7 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
-# Seconds Prefect's temporary API server may take to answer (Prefect's default, 20 s, is too short for a busy 2-core
-# laptop with a fresh PREFECT_HOME: measured 27-32 s there, as the server first creates and migrates its database).
-from flows import EPHEMERAL_STARTUP_TIMEOUT_S, prefect_startup_env as _prefect_startup_env  # noqa: E402,F401
-
-
 def main(argv: list[str] | None = None) -> int:
-    _prefect_startup_env()  # before anything imports Prefect
     args = build_parser().parse_args(argv)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main else None

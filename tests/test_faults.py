@@ -625,7 +625,7 @@ def test_sigterm_during_tlcm_distill_stops_the_ephemeral_prefect_server_and_the_
 
     import psutil
 
-    from flows.cli import EPHEMERAL_STARTUP_TIMEOUT_S
+    from flows import EPHEMERAL_STARTUP_TIMEOUT_S
 
     store = tmp_path / "store"
     # What the test relies on, set here rather than inherited: no Prefect API and no other Prefect setting from the
@@ -685,17 +685,17 @@ def test_tlcm_gives_the_temporary_prefect_server_a_slow_machine_start_up_budget(
     import subprocess
     import sys
 
-    from flows.cli import EPHEMERAL_STARTUP_TIMEOUT_S, _prefect_startup_env
+    from flows import EPHEMERAL_STARTUP_TIMEOUT_S, prefect_startup_env
 
     key = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
     for env, want in (({}, str(EPHEMERAL_STARTUP_TIMEOUT_S)), ({key: "30"}, "30"),
                       ({"PREFECT_API_URL": "http://127.0.0.1:4200/api"}, None)):
-        _prefect_startup_env(env)
+        prefect_startup_env(env)
         assert env.get(key) == want, env
     assert EPHEMERAL_STARTUP_TIMEOUT_S >= 120
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
-    probe = ("from flows.cli import _prefect_startup_env; _prefect_startup_env()\n"
+    probe = ("import flows.cli  # the `tlcm` entry point: importing the flows package sets the budget\n"
              "from prefect.settings import get_current_settings\n"
              "print(get_current_settings().server.ephemeral.startup_timeout_seconds)")
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=Path(__file__).parent.parent,
