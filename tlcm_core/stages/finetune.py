@@ -270,11 +270,9 @@ def build_finetune(ctx: StageContext, device: torch.device) -> tuple[FinetuneObj
     if heads is not None:
         weights["disc"] = heads
         opts["disc"] = torch.optim.AdamW(heads.parameters(), lr=fc.discriminator_lr, betas=(0.0, 0.99))
-    model = Denoiser(unet, schedule_of(pipe))
-    real_pool = teacher_real_pool(cfg, model, unet, cond_all, uncond.to(device), ctx.out) \
-        if fc.gan_weight and fc.gan_real == "teacher" else None
-    objective = FinetuneObjective(cfg, pipe, prompts, cond_all, uncond.to(device), device, scorer, heads, real_pool,
-                                  opts)
+    objective = FinetuneObjective(cfg, pipe, prompts, cond_all, uncond.to(device), device, scorer, heads, None, opts)
+    if fc.gan_weight and fc.gan_real == "teacher":
+        objective.real_pool = teacher_real_pool(cfg, objective.model, unet, cond_all, objective.uncond, ctx.out)
     return objective, TrainState(weights, opts)
 
 
