@@ -117,7 +117,13 @@ def _cases(root: Path, shared: Path) -> dict[str, Case]:
         read_only = shared / "read-only-store"
         read_only.mkdir()
         os.chmod(read_only, 0o555)
-        cases["store-not-writable"] = Case(["distill", *TOY_CONFIG, "--store", str(read_only)],
+        from tlcm_core.config import dump_config, load_config
+
+        # the resolved preset as a file nobody can read: the checkout itself may sit in a folder only root can enter
+        config = shared / "toy-fast.yaml"
+        config.write_text(dump_config(load_config("toy-fast")))
+        os.chmod(config, 0o644)
+        cases["store-not-writable"] = Case(["distill", "--config", str(config), "--store", str(read_only)],
                                            [str(read_only), "no write permission"], as_nobody=True)
     else:
         read_only = root / "read-only-store"
@@ -154,6 +160,7 @@ def _cli_as_nobody(argv: list[str], home: str, out: str, err: str) -> None:
 
     import flows.cli
     import tlcm_core.config
+    import tlcm_core.pipeline  # noqa: F401 - plan_run, the stage registry and what they import
     import tlcm_core.store  # noqa: F401
 
     flows.cli.build_parser()
