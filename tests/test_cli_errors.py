@@ -165,6 +165,9 @@ def _cli_as_nobody(argv: list[str], home: str, out: str, err: str) -> None:
 
     flows.cli.build_parser()
     tlcm_core.config.load_config("toy-fast")
+    import fsspec
+
+    fsspec.filesystem("file")  # fsspec imports its local filesystem class on first use
     os.setgid(65534)
     os.setgroups([])
     os.setuid(65534)
