@@ -77,6 +77,8 @@ def _cases(root: Path, shared: Path) -> dict[str, Case]:
     prompts = root / "prompts.txt"
     prompts.write_text("a red circle\n")
     distill = ["distill", *TOY_CONFIG, "--store", str(store)]
+    lpips_file = ["--set", "mlcd.distance=latent-lpips", "--set", "latent_lpips.source=file"]
+    missing_lpips = str(root / "latent-lpips.pth")
     zero = ["--set", "stages=[teacher-trajectories,mlcd,finetune]", "--set", "finetune.reward_weight=0",
             "--set", "finetune.dmd_weight=0", "--set", "finetune.gan_weight=0"]
     cases = {
@@ -110,6 +112,11 @@ def _cases(root: Path, shared: Path) -> dict[str, Case]:
                                       [foreign, "not a TLCM LoRA"]),
         "generate-missing-lora": Case(["generate", "--lora", missing_lora, "--prompt", "a red circle"],
                                       [missing_lora, "no TLCM LoRA"]),
+        # the paper's distance from a weights file (the sdxl preset): checked before the teacher's pairs are made
+        "latent-lpips-missing-weights": Case([*distill, *lpips_file, "--set", f"latent_lpips.weights={missing_lpips}"],
+                                             [f"latent_lpips.weights={missing_lpips!r}", "no such file"]),
+        "latent-lpips-foreign-weights": Case([*distill, *lpips_file, "--set", f"latent_lpips.weights={foreign}"],
+                                             [foreign]),
         "artifacts-show-corrupt": Case(["artifacts", "show", "mlcd/0123456789abcdef", "--store",
                                         str(root / "corrupt-store")], [str(corrupt), "manifest.json is unreadable"]),
     }
@@ -220,7 +227,8 @@ def results(tmp_path_factory):
 
 CASE_NAMES = ["unknown-preset", "malformed-yaml", "unknown-key", "out-of-range", "override-syntax", "unknown-stage",
               "force-not-in-pipeline", "store-under-a-file", "store-not-writable", "missing-prompts",
-              "finetune-without-a-loss", "eval-missing-lora", "eval-garbage-lora", "eval-bad-steps",
+              "finetune-without-a-loss", "latent-lpips-missing-weights", "latent-lpips-foreign-weights",
+              "eval-missing-lora", "eval-garbage-lora", "eval-bad-steps",
               "generate-wrong-rank-lora", "generate-foreign-lora", "generate-missing-lora", "artifacts-show-corrupt"]
 
 
@@ -281,6 +289,26 @@ def test_preflight_needs_captions_only_for_real_metrics(tmp_path):
         with pytest.raises(UserError) as err:
             preflight(load_config("sd15", [*base, f"evaluate.metrics.kind={kind}"]), ["evaluate"])
         assert "evaluate.metrics.captions" in str(err.value) and missing in str(err.value)
+
+
+def test_preflight_checks_the_latent_lpips_weights_file_only_when_a_trainer_uses_it(tmp_path):
+    """distance: latent-lpips with source=file (the sdxl preset): the weights file must exist and fit LatentLPIPS
+    before any stage runs; a run whose trainers use MSE never looks at the file."""
+    from tlcm_core.config import load_config
+    from tlcm_core.errors import UserError
+    from tlcm_core.losses import LatentLPIPS, save_latent_lpips
+    from tlcm_core.pipeline import preflight
+
+    good = tmp_path / "latent_lpips.safetensors"
+    save_latent_lpips(LatentLPIPS(width=0.125), good)
+    base = [f"store.url={tmp_path}", "latent_lpips.source=file", "lcd.distance=latent-lpips"]
+    stages = ["teacher-trajectories", "mlcd", "lcd-trajectories", "lcd"]
+    preflight(load_config("toy-fast", [*base, f"latent_lpips.weights={good}"]), stages)
+    missing = [*base, f"latent_lpips.weights={tmp_path / 'latent-lpips.pth'}"]
+    preflight(load_config("toy-fast", missing), stages[:2])  # lcd does not run: its weights are not looked at
+    with pytest.raises(UserError) as err:
+        preflight(load_config("toy-fast", missing), stages)
+    assert "latent_lpips.weights" in str(err.value) and "lcd.distance=latent-lpips" in str(err.value)
 
 
 def test_every_user_error_class_is_a_user_error():

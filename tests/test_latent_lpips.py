@@ -394,3 +394,15 @@ def test_toy_feature_distance_on_each_worlds_evaluator(world):
     same, near, far = d(x, x), d(x, (x + 0.02).clamp(0, 1)), d(x, y)
     assert same.shape == (8,) and torch.allclose(same, torch.zeros(8), atol=1e-6)
     assert (near < far).all()
+
+
+def test_a_trainer_on_latent_lpips_brings_its_stage_along(tmp_path):
+    """`mlcd.distance=latent-lpips` (datafree weights) without `latent-lpips` in `stages`: the run plans the stage
+    before MLCD instead of failing at MLCD after the teacher's pairs are made; with MSE it is not planned."""
+    from tlcm_core.config import load_config
+    from tlcm_core.pipeline import plan_run
+
+    base = [f"store.url={tmp_path}", "stages=[teacher-trajectories,mlcd]"]
+    todo = plan_run(load_config("toy-fast", [*base, "mlcd.distance=latent-lpips"]), access="none").todo
+    assert todo == ["teacher-trajectories", "latent-lpips", "mlcd"]
+    assert plan_run(load_config("toy-fast", base), access="none").todo == ["teacher-trajectories", "mlcd"]

@@ -109,7 +109,7 @@ def plan_run(cfg: PipelineConfig, stages: list[str] | None = None, force: list[s
         if s not in p.stages:
             raise PlanError(f"{flag} {s}: stage {s!r} is not part of this config's pipeline ({', '.join(p.stages)}); "
                             "add it to the config's `stages`")
-    # the configured pipeline: its stages and the implied stages they take as inputs (teacher-evaluate)
+    # the configured pipeline: its stages and the implied stages they take as inputs (teacher-evaluate, latent-lpips)
     todo = [s for s in p.stages if s in stages] if stages else \
         [s for s in p.stages if s in cfg.stages or REGISTRY[s].implied]
     forced: set[str] = set()
@@ -234,6 +234,7 @@ def preflight(cfg: PipelineConfig, stages: list[str]) -> None:
 
             if not os.path.isfile(fc.reward_model):
                 raise RewardError(f"finetune.reward_model={fc.reward_model!r}: no such file")
+    _preflight_latent_lpips(cfg, stages)
     from .evaluation import uses_captions
 
     captions = cfg.evaluate.metrics.captions
@@ -252,3 +253,21 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None, force: li
     run = plan_run(cfg, stages, force)
     store = open_store(cfg)
     return [run_stage(cfg, s, store, reporter, force=s in run.forced, p=run.plan) for s in run.todo]
+
+
+def _preflight_latent_lpips(cfg: PipelineConfig, stages: list[str]) -> None:
+    """A trainer about to run with `distance: latent-lpips` from a weights file: the file is there and fits
+    LatentLPIPS (loaded once on the CPU: seconds, where a bad file would otherwise fail the stage after its data)."""
+    users = [s for s in ("mlcd", "lcd") if s in stages and getattr(cfg, s).distance == "latent-lpips"]
+    if not users or cfg.latent_lpips.source != "file":
+        return
+    field = f"{users[0]}.distance=latent-lpips with latent_lpips.source=file"
+    weights = cfg.latent_lpips.weights  # set: the config refuses source=file without it
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(weights)
+    if not fs.exists(path):
+        raise PlanError(f"latent_lpips.weights={weights!r}: no such file ({field} reads it)")
+    from .losses import load_latent_lpips
+
+    load_latent_lpips(weights)  # LatentLPIPSWeightsError (a UserError) names the key that does not fit

@@ -63,5 +63,7 @@ def run(ctx: StageContext) -> dict:
     return summary
 
 
+# implied: a trainer with `distance: latent-lpips` takes it as an input, so it runs whether or not `stages` lists it
 STAGE = Stage("latent-lpips", version=2, run=run, reads=("latent_lpips", "teacher"),
-              inputs=lambda cfg: {"pairs": "teacher-trajectories"} if cfg.latent_lpips.source == "datafree" else {})
+              inputs=lambda cfg: {"pairs": "teacher-trajectories"} if cfg.latent_lpips.source == "datafree" else {},
+              implied=True)
