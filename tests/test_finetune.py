@@ -1,5 +1,7 @@
 """Stage 3 losses on a tiny SDXL-shaped UNet: finite, gradients only where they should be, DMD's fixed point,
-the hinge margins; and the finetune stage end to end with every term on."""
+the hinge margins; the finetune stage end to end with every term on; and its phases (finetune.phases)."""
+
+import json
 
 import pytest
 import torch
@@ -144,14 +146,14 @@ def test_finetune_stage_all_terms(tiny_dir, tmp_path):
 
 
 class StopAt(SilentReporter):
-    """Interrupts the work from inside, like a preemption, once training reports `step`."""
+    """Interrupts the work from inside, like a preemption, once the training `key` reports `step`."""
 
-    def __init__(self, step):
+    def __init__(self, step, key="finetune"):
         super().__init__()
-        self.step = step
+        self.step, self.key = step, key
 
     def progress(self, key, done, total, **metrics):
-        if key == "finetune" and done >= self.step:
+        if key == self.key and done >= self.step:
             raise KeyboardInterrupt(f"preempted at {done}")
 
 
@@ -177,3 +179,162 @@ def test_finetune_resumes_from_its_checkpoint(tiny_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Phases (finetune.phases): consecutive trainings of the one LoRA
+
+
+def _ft_config(tiny_dir, store, *extra):
+    return load_config("toy-fast", [
+        f"teacher.source={tiny_dir}", f"store.url={store}", "stages=[teacher-trajectories,mlcd,finetune]",
+        "trajectories.num_samples=16", "trajectories.shard_size=16", "mlcd.iterations=2", "mlcd.batch_size=8",
+        "lora.rank=4", "finetune.iterations=4", "finetune.batch_size=2", "finetune.q=1", "finetune.log_every=1",
+        "finetune.checkpoint_every=2", "finetune.reward_weight=1", "finetune.reward_margin=0",
+        "finetune.dmd_weight=1", "finetune.gan_weight=0.1", *extra])
+
+
+# the paper's order at toy size: the reward alone (2 iterations at batch 2), then DMD + GAN (4 at batch 1)
+TWO_PHASES = ("finetune.phases=[{iterations: 2, dmd_weight: 0, gan_weight: 0}, "
+              "{iterations: 4, batch_size: 1, reward_weight: 0}]")
+
+
+def _finetune_art(cfg, result):
+    return open_store(cfg).artifact("finetune", result.fingerprint)
+
+
+def _log(art) -> list[dict]:
+    return [json.loads(line) for line in art.read_bytes("train_log.jsonl").decode().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def unphased(tiny_dir, tmp_path_factory):
+    cfg = _ft_config(tiny_dir, tmp_path_factory.mktemp("unphased"))
+    ft = run_pipeline(cfg, reporter=SilentReporter())[2]
+    return ft, _finetune_art(cfg, ft), cfg
+
+
+def test_without_phases_there_is_one_run_and_no_phase_bookkeeping(unphased):
+    ft, art, _ = unphased
+    assert art.exists_file("checkpoints/latest.json") and not art.exists_file("checkpoints/phase-1/latest.json")
+    assert "phase" not in _log(art)[0] and "phases" not in ft.summary
+
+
+def test_a_recomputed_finetune_is_the_same_lora_whatever_ran_before_it(unphased, tiny_dir):
+    """The fake score adapter and the discriminator heads draw their initial weights from torch's global RNG: the
+    stage seeds it, so finetune recomputed alone (earlier stages cached, other draws before it in the process) gives
+    the LoRA it gave right after MLCD -- one fingerprint, one result."""
+    _, art, cfg = unphased
+    before = art.load_tensors("lora.safetensors")
+    torch.manual_seed(987)
+    torch.rand(1000)
+    again = run_pipeline(cfg, force=["finetune"], reporter=SilentReporter())[2]
+    after = _finetune_art(cfg, again).load_tensors("lora.safetensors")
+    assert again.fingerprint == art.uri.rstrip("/").split("/")[-1]
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_one_phase_equal_to_the_section_trains_the_same_lora(unphased, tiny_dir, tmp_path):
+    cfg = _ft_config(tiny_dir, tmp_path, "finetune.phases=[{iterations: 4}]")
+    ft = run_pipeline(cfg, reporter=SilentReporter())[2]
+    art = _finetune_art(cfg, ft)
+    a, b = unphased[1].load_tensors("lora.safetensors"), art.load_tensors("lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["phase"] for r in _log(art)] == [1] * 4 and art.read_json("checkpoints/phase-1/latest.json")["step"] == 4
+
+
+@pytest.fixture(scope="module")
+def two_phases(tiny_dir, tmp_path_factory):
+    cfg = _ft_config(tiny_dir, tmp_path_factory.mktemp("phases"), TWO_PHASES)
+    ft = run_pipeline(cfg, reporter=SilentReporter())[2]
+    return cfg, ft, _finetune_art(cfg, ft)
+
+
+def test_two_phases_run_in_order_each_with_its_own_terms(two_phases):
+    cfg, ft, art = two_phases
+    s = ft.summary
+    assert s["iterations"] == 6 and s["terms"] == ["reward", "dmd", "gan"]
+    assert [(p["phase"], p["iterations"], p["batch_size"], p["terms"]) for p in s["phases"]] == \
+        [(1, 2, 2, ["reward"]), (2, 4, 1, ["dmd", "gan"])]
+    log = _log(art)
+    assert [(r["phase"], r["step"]) for r in log] == [(1, 1), (1, 2), (2, 3), (2, 4), (2, 5), (2, 6)]
+    dmd_gan = {"dmd", "gan_g", "fake", "gan_d"}
+    for r in log:
+        assert ("reward" in r, bool(dmd_gan & set(r))) == ((True, False) if r["phase"] == 1 else (False, True)), r
+        if r["phase"] == 2:
+            assert dmd_gan <= set(r)
+    # each phase's end state is checkpointed in its own folder; the fake score model trains in phase 2 only
+    from safetensors.torch import load as load_safetensors
+
+    ends = {}
+    for i, steps in ((1, 2), (2, 4)):
+        info = art.read_json(f"checkpoints/phase-{i}/latest.json")
+        assert info["step"] == steps
+        ends[i] = load_safetensors(art.read_bytes(f"{info['dir']}/weights.safetensors"))
+    fake_b = [k for k in ends[1] if k.startswith("fake.") and "lora_B" in k]
+    assert fake_b and all(not ends[1][k].any() for k in fake_b) and any(ends[2][k].any() for k in fake_b)
+
+
+class Recorder(SilentReporter):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def progress(self, key, done, total, **metrics):
+        self.calls.append((key, done))
+
+
+@pytest.mark.parametrize("stop, resumed", [(1, 0), (3, 2)])  # before phase 2's first checkpoint, after it
+def test_a_run_interrupted_in_phase_2_resumes_there_to_the_same_lora(two_phases, tiny_dir, tmp_path, stop, resumed):
+    cfg = _ft_config(tiny_dir, tmp_path, TWO_PHASES)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, reporter=StopAt(stop, key="finetune-phase-2"))
+    art = open_store(cfg).artifact("finetune", two_phases[1].fingerprint)  # same config, same fingerprint
+    assert art.read_json("checkpoints/phase-1/latest.json")["step"] == 2  # phase 1 finished and recorded
+    p2 = "checkpoints/phase-2/latest.json"
+    assert (art.read_json(p2)["step"] if art.exists_file(p2) else 0) == resumed
+    rec = Recorder()
+    ft = run_pipeline(cfg, reporter=rec)[2]
+    # phase 1 is restored at its end, not trained again; phase 2 goes on from its checkpoint (or its start)
+    assert [c for c in rec.calls if c[0] == "finetune-phase-1"] == [("finetune-phase-1", 2)]
+    assert [c[1] for c in rec.calls if c[0] == "finetune-phase-2"] == list(range(resumed, 5))
+    assert [p["resumed_from_step"] for p in ft.summary["phases"]] == [2, resumed]
+    assert ft.summary["resumed_from_step"] == 2 + resumed
+    assert [r["step"] for r in _log(_finetune_art(cfg, ft))] == [1, 2, 3, 4, 5, 6]
+    # the same LoRA as the uninterrupted run: phase 1's checkpoint also holds the fake score model and the
+    # discriminator heads as they were built, which phase 2 starts from
+    a = _finetune_art(cfg, ft).load_tensors("lora.safetensors")
+    b = two_phases[2].load_tensors("lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("phases, says", [
+    ("[{itrations: 2}]", ["phase 1 sets 'itrations'", "not a finetune field", "a phase may set: iterations"]),
+    ("[{iterations: 2}, {reward_scorer: mps}]", ["phase 2 sets 'reward_scorer'", "shared by every phase",
+                                                 "a phase may set: iterations"]),
+    ("[{iterations: 2}, {}]", ["phase 2 is empty", "at least one of: iterations"]),
+    ("[{reward_weight: 0, dmd_weight: 0, gan_weight: 0}]", ["phase 1 trains nothing", "all 0"]),
+    ("[{reward_weight: 1}, {dmd_weight: 0}]", ["phase 2 trains nothing"]),  # the section's reward and gan are 0
+    ("[{lr: -1}]", ["phase 1: lr = -1", "greater than 0"]),
+])
+def test_a_bad_phase_is_one_line_naming_it(phases, says):
+    from tlcm_core.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config("toy-fast", ["stages=[teacher-trajectories,mlcd,finetune]", "finetune.reward_weight=0",
+                                 "finetune.dmd_weight=1", "finetune.gan_weight=0", f"finetune.phases={phases}"])
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and lines[0].startswith("invalid config") and lines[1].strip().startswith("finetune.phases")
+    assert all(s in lines[1] for s in says), lines[1]
+
+
+def test_phases_may_carry_all_the_weights():
+    """With phases, the section's own weights may all be 0: each phase is checked instead. Values are validated
+    (YAML reads `1e-5` as a string)."""
+    cfg = load_config("toy-fast", ["stages=[teacher-trajectories,mlcd,finetune]", "finetune.reward_weight=0",
+                                   "finetune.dmd_weight=0", "finetune.gan_weight=0",
+                                   "finetune.phases=[{reward_weight: 1, lr: 1e-5}, {dmd_weight: 1, iterations: 3}]"])
+    assert cfg.finetune.phases == [{"reward_weight": 1.0, "lr": 1e-5}, {"dmd_weight": 1.0, "iterations": 3}]
+    one, two = cfg.finetune.phase_configs()
+    assert (one.reward_weight, one.dmd_weight, one.lr, one.iterations) == (1.0, 0.0, 1e-5, cfg.finetune.iterations)
+    assert (two.reward_weight, two.dmd_weight, two.iterations, two.phases) == (0.0, 1.0, 3, [])

@@ -196,16 +196,29 @@ class LCDTrajectoriesConfig(Section):
 
 
 class LCDConfig(ConsistencyConfig):
-    iterations: int = 2000
-    lr: float = 1e-5
+    iterations: int = Field(2000, ge=1)  # restating a field drops TrainerConfig's bounds: repeated here
+    lr: float = Field(1e-5, gt=0, le=1.0)
+    # where LCD compares the student's x0 with its target (docs/method.md "Stage 2"): "x0" is the paper's eq. 10
+    # (every milestone weighs 1); "jump" compares both after the DDIM jump from x_hi to the next milestone, which
+    # weighs a milestone's x0 error as the sampler's next state sees it (0.005 at t=999 .. 0.86 at t=124, as MLCD)
+    compare: Literal["x0", "jump"] = "x0"
+
+
+# What a finetune phase (finetune.phases) may set: how long and how it trains, and which terms act with what weight.
+# Everything else is built once for the stage and shared by its phases: the reward scorer, the fake score adapter's
+# rank, the GAN's loss and real side, the student's q-step sampler, DMD's t range, logging and checkpointing.
+PHASE_FIELDS = ("iterations", "lr", "batch_size", "grad_accum", "warmup", "weight_decay", "max_grad_norm",
+                "reward_weight", "reward_margin", "dmd_weight", "fake_score_lr", "fake_updates_per_step", "gan_weight",
+                "discriminator_lr")
+TERM_WEIGHTS = ("reward_weight", "dmd_weight", "gan_weight")
 
 
 class FinetuneConfig(TrainerConfig):
     """Stage 3 (TLCM section 4.3): any subset of reward, distribution matching and adversarial losses on the one
-    student LoRA; a weight of 0 disables a term."""
+    student LoRA; a weight of 0 disables a term. With `phases`, the stage runs them as consecutive phases."""
 
-    iterations: int = 500
-    lr: float = 1e-5
+    iterations: int = Field(500, ge=1)  # restating a field drops TrainerConfig's bounds: repeated here
+    lr: float = Field(1e-5, gt=0, le=1.0)
     q: int = Field(4, ge=1, le=8, description="student steps for the clean latents that eq. 9 re-noises")
     # preference reward, TLCM eq. 11: max(margin - s(x, c_pos), 0) + max(s(x, c_neg), 0)
     reward_weight: float = Field(0.0, ge=0)
@@ -228,12 +241,69 @@ class FinetuneConfig(TrainerConfig):
     gan_real_pool: int = Field(256, ge=1, description="teacher samples cached for gan_real=teacher")
     gan_real_steps: int = Field(25, ge=1, description="teacher DDIM steps for those samples")
     discriminator_lr: float = Field(1e-4, gt=0)
+    # Stage 3 as consecutive training runs on the one LoRA, in order (TLCM section 4.3 runs the MPS reward alone,
+    # 500 iterations at batch 8, then DMD + GAN, 1000 at batch 4). Each phase is a mapping of some of PHASE_FIELDS
+    # that replace this section's values for that phase; what a phase does not set it takes from the section:
+    #   phases: [{iterations: 500, batch_size: 8, dmd_weight: 0, gan_weight: 0},
+    #            {iterations: 1000, batch_size: 4, reward_weight: 0}]
+    # Each phase starts fresh optimisers and learning-rate warmup (as separate runs would) and checkpoints under
+    # checkpoints/phase-N/. [] (the default): one run of the section as it stands. Declared last: its check reads
+    # the section's other (already validated) fields.
+    phases: list[dict[str, Any]] = Field(default_factory=list, description="finetune phases, run in order "
+                                         "(overrides of: " + ", ".join(PHASE_FIELDS) + ")")
+
+    @field_validator("phases")
+    @classmethod
+    def _phases(cls, v: list[dict[str, Any]], info) -> list[dict[str, Any]]:
+        """Each phase: known, per-phase fields only, valid values, at least one term on. Returns the phases with
+        their values as validated (YAML's `1e-5` is a string until then), so the fingerprint hashes numbers."""
+        if not set(cls.model_fields) - {"phases"} <= set(info.data):
+            return v  # another field of the section is invalid: that error is the one to read
+        allowed = ", ".join(PHASE_FIELDS)
+        out = []
+        for i, phase in enumerate(v, 1):
+            where = f"finetune.phases: phase {i}"
+            if not phase:
+                raise ValueError(f"{where} is empty; give it at least one of: {allowed}")
+            for k in phase:
+                if k not in PHASE_FIELDS:
+                    why = "is shared by every phase (set it in the finetune section)" if k in cls.model_fields \
+                        else "is not a finetune field"
+                    raise ValueError(f"{where} sets {k!r}, which {why}; a phase may set: {allowed}")
+            effective = _phase_config(cls, info.data, phase, where)
+            if effective is None:  # the section's own cross-field check fails: its error is the one to read
+                return v
+            if not any(getattr(effective, w) for w in TERM_WEIGHTS):
+                raise ValueError(f"{where} trains nothing: its reward_weight, dmd_weight and gan_weight are all 0 (a "
+                                 "phase takes those it does not set from the section); set one of them above 0")
+            out.append({k: getattr(effective, k) for k in phase})
+        return out
 
     @model_validator(mode="after")
     def _something_to_do(self) -> FinetuneConfig:
         if self.dmd_t_min >= self.dmd_t_max:
             raise ValueError(f"finetune.dmd_t_min={self.dmd_t_min} must be below dmd_t_max={self.dmd_t_max}")
         return self
+
+    def phase_configs(self) -> list[FinetuneConfig]:
+        """The settings each phase trains with: the section with the phase's overrides; without phases, [self]."""
+        if not self.phases:
+            return [self]
+        base = self.model_dump(exclude={"phases"})
+        return [FinetuneConfig.model_validate({**base, **phase}) for phase in self.phases]
+
+
+def _phase_config(cls, base: dict[str, Any], phase: dict[str, Any], where: str) -> FinetuneConfig | None:
+    """The section's validated fields with a phase's overrides, as a FinetuneConfig; a bad override is one line
+    naming the phase, the field and the value. None when only the section's own cross-field check fails."""
+    try:
+        return cls.model_validate({**{k: v for k, v in base.items() if k != "phases"}, **phase})
+    except ValidationError as e:
+        err = next((x for x in e.errors() if x["loc"] and x["loc"][0] in phase), None)
+        if err is None:
+            return None
+        field = ".".join(str(p) for p in err["loc"])
+        raise ValueError(f"{where}: {field} = {err.get('input')!r}: {err['msg']}") from None
 
 
 class MetricsConfig(Section):
@@ -365,8 +435,8 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _finetune_has_a_loss(self) -> PipelineConfig:
-        f = self.finetune
-        if "finetune" in self.stages and not (f.reward_weight or f.dmd_weight or f.gan_weight):
+        f = self.finetune  # with phases, each phase's own weights are checked (FinetuneConfig._phases)
+        if "finetune" in self.stages and not f.phases and not (f.reward_weight or f.dmd_weight or f.gan_weight):
             raise ValueError("stage 'finetune' has nothing to train: finetune.reward_weight, finetune.dmd_weight and "
                              "finetune.gan_weight are all 0; set at least one of them above 0 (e.g. --set "
                              "finetune.dmd_weight=1) or remove finetune from stages")

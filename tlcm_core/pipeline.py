@@ -223,7 +223,7 @@ def preflight(cfg: PipelineConfig, stages: list[str]) -> None:
     from .rewards import RewardError
 
     fc = cfg.finetune
-    if "finetune" in stages and fc.reward_weight:
+    if "finetune" in stages and any(p.reward_weight for p in fc.phase_configs()):  # the section, or any phase
         if fc.reward_scorer == "mps" and not fc.allow_pickle:
             raise RewardError("finetune.reward_scorer=mps loads a pickled model; set finetune.allow_pickle=true if "
                               "you trust the file, or use reward_scorer=open_clip (checked before any stage runs)")

@@ -10,7 +10,7 @@ import io
 import math
 
 # columns of a training log row that are bookkeeping, not loss terms (tlcm_core/training.py)
-LOG_BOOKKEEPING = ("step", "lr", "elapsed_s")
+LOG_BOOKKEEPING = ("step", "lr", "elapsed_s", "phase")
 # metrics of an evaluate row worth a curve against steps (tlcm_core/evaluation.py, tlcm_core/metrics.py), with the
 # direction that is better, for the axis label
 STEP_METRICS = {"prompt_accuracy": ("prompt accuracy", "higher"), "frechet": ("Frechet distance", "lower"),

@@ -74,20 +74,21 @@ class TrainState:
 
 
 class CheckpointIO:
-    """TrainState checkpoints under {artifact}/checkpoints/step-N/ and resume from the latest.
+    """TrainState checkpoints under {artifact}/{prefix}/step-N/ (prefix `checkpoints`; a run of several trainings
+    in one artifact, such as finetune's phases, gives each its own) and resume from the latest.
 
     Weights go to safetensors, optimiser states, step, RNG and log to a weights_only-safe torch file. Each
     checkpoint is written in full (with its files' sha256) before `latest.json` points at it, so a kill mid-write
     leaves the previous checkpoint in charge; older checkpoints beyond `keep` are removed after the pointer moves.
     """
 
-    def __init__(self, art, keep: int = 2):
-        self.art, self.keep = art, keep
+    def __init__(self, art, keep: int = 2, prefix: str = "checkpoints"):
+        self.art, self.keep, self.prefix = art, keep, prefix.rstrip("/")
 
     def save(self, state: TrainState) -> None:
         from safetensors.torch import save as save_safetensors
 
-        d = f"checkpoints/step-{state.step:08d}"
+        d = f"{self.prefix}/step-{state.step:08d}"
         tensors = {f"{name}.{k}": v.detach().to("cpu").contiguous()
                    for name, w in state.weights.items() for k, v in w.state_dict().items()}
         blob = save_safetensors(tensors)
@@ -98,11 +99,11 @@ class CheckpointIO:
         for name, data in (("weights.safetensors", blob), ("state.pt", buf.getvalue())):
             self.art.write_bytes(f"{d}/{name}", data)
             sums[name] = hashlib.sha256(data).hexdigest()  # checked on resume
-        self.art.write_json("checkpoints/latest.json", {"step": state.step, "dir": d, "sha256": sums})
+        self.art.write_json(f"{self.prefix}/latest.json", {"step": state.step, "dir": d, "sha256": sums})
         self._prune()
 
     def _prune(self) -> None:
-        fs, root = self.art.fs, self.art.path("checkpoints")
+        fs, root = self.art.fs, self.art.path(self.prefix)
         try:
             dirs = sorted(p for p in fs.ls(root, detail=False) if p.rstrip("/").split("/")[-1].startswith("step-"))
         except FileNotFoundError:
@@ -111,9 +112,14 @@ class CheckpointIO:
             fs.rm(p, recursive=True)
 
     def latest(self) -> dict | None:
-        if not self.art.exists_file("checkpoints/latest.json"):
+        if not self.art.exists_file(f"{self.prefix}/latest.json"):
             return None
-        return self.art.read_json("checkpoints/latest.json")
+        return self.art.read_json(f"{self.prefix}/latest.json")
+
+    @property
+    def _restart(self) -> str:
+        what = "stage" if self.prefix == "checkpoints" else "training"
+        return f"Delete {self.art.uri}/{self.prefix} to restart this {what} from step 0"
 
     def _verified(self, info: dict, name: str) -> bytes:
         """A checkpoint file's bytes, checked against the sha256 that latest.json recorded for it."""
@@ -124,8 +130,7 @@ class CheckpointIO:
         if want is not None and hashlib.sha256(data).hexdigest() != want:
             raise CorruptArtifactError(
                 f"artifact {self.art.uri}: checkpoint file {info['dir']}/{name} fails its sha256 check (truncated "
-                f"or altered); it will not be used. Delete {self.art.uri}/checkpoints to restart this stage "
-                "from step 0, or the artifact folder to recompute it.")
+                f"or altered); it will not be used. {self._restart}, or the artifact folder to recompute it.")
         return data
 
     def load_latest(self, state: TrainState) -> bool:
@@ -146,8 +151,8 @@ class CheckpointIO:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise CorruptArtifactError(
                 f"artifact {self.art.uri}: checkpoint file {info['dir']}/state.pt is not a plain tensor checkpoint "
-                f"(torch.load(weights_only=True) refused it: {first}); it is never unpickled. Delete "
-                f"{self.art.uri}/checkpoints to restart this stage from step 0.") from None
+                f"(torch.load(weights_only=True) refused it: {first}); it is never unpickled. {self._restart}."
+            ) from None
         for name, w in state.weights.items():
             w.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
         for name, opt in state.optimizers.items():
@@ -217,9 +222,12 @@ class _LogWindow:
 
 
 def train(objective: Objective, state: TrainState, tcfg: TrainerConfig, *, name: str, ckpt: CheckpointIO,
-          reporter: Reporter, device: torch.device, dtype: str = "float32", accelerator=None) -> TrainResult:
+          reporter: Reporter, device: torch.device, dtype: str = "float32", accelerator=None,
+          save_final: bool = False) -> TrainResult:
     """AdamW steps of the student with gradient accumulation, clipping, warmup, logging and resumable checkpoints.
-    A log row holds `loss` (the student's total) and, when there are several, each term."""
+    A log row holds `loss` (the student's total) and, when there are several, each term. `save_final` also
+    checkpoints the last step: a training that others follow in one artifact (a finetune phase) leaves its end
+    state, so a resume restores it instead of training it again."""
     sync = GradSync(accelerator)
     world, rank = sync.world, (accelerator.process_index if accelerator is not None else 0)
     opt = state.optimizers["student"]
@@ -260,7 +268,8 @@ def train(objective: Objective, state: TrainState, tcfg: TrainerConfig, *, name:
             if rank == 0:
                 reporter.progress(name, state.step, tcfg.iterations,
                                   **{k: v for k, v in state.log[-1].items() if k not in ("step", "lr", "elapsed_s")})
-        if state.step % tcfg.checkpoint_every == 0 and state.step < tcfg.iterations:
+        if state.step % tcfg.checkpoint_every == 0 and state.step < tcfg.iterations or \
+                save_final and state.step == tcfg.iterations:
             if rank == 0:
                 ckpt.save(state)
             if accelerator is not None:

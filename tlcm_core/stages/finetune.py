@@ -8,6 +8,10 @@ Per step (batch of prompts, noise from a per-step seed):
 then the fake score model (its own LoRA on the same UNet) takes denoising steps on the student's samples,
 and the discriminator heads take a step on real vs fake.
 
+Phases (finetune.phases): the terms can also run as consecutive trainings of the one LoRA, each with its own
+weights, length, batch size and fresh optimisers (the paper: the reward alone, then DMD + GAN), each
+checkpointed under checkpoints/phase-N/ so a resumed run picks up in the phase it was in.
+
 Memory: teacher, student, fake score model and discriminator are ONE UNet: the student and the fake score
 model are two LoRA adapters on it, and the teacher / discriminator encoder are the same weights with the
 adapters switched off. Only LoRAs, the heads and their optimizer states add to one frozen UNet.
@@ -17,11 +21,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..config import LoRAConfig, PipelineConfig, toy_world
+from ..config import FinetuneConfig, LoRAConfig, PipelineConfig, toy_world
 from ..consistency import adapter_weights, stage_device, write_trained_lora
 from ..lora import ADAPTER, active_adapter, adapters_disabled, attach_lora, load_lora_into, read_lora
 from ..models import (Conditioning, Denoiser, decode_latents_grad, encode_prompts, load_pipeline, schedule_of,
@@ -31,7 +36,7 @@ from ..rewards import build_scorer, negative_prompts, reward_hinge
 from ..samplers import ddim_sample, student_clean_latents, teacher_x0_fn
 from ..schedule import ddim_timesteps, milestones
 from ..stage import Stage, StageContext
-from ..training import CheckpointIO, TrainState, make_optimizer, train
+from ..training import CheckpointIO, TrainResult, TrainState, make_optimizer, train
 from .common import TRAINER_READS, final_lora_stage
 
 FAKE = "fake"
@@ -164,22 +169,43 @@ class Micro:
     x0: torch.Tensor | None = None
 
 
-class FinetuneObjective:
-    """The finetune step's math (TLCM section 4.3) on one UNet holding the student and fake score adapters."""
+@dataclass
+class FinetuneModels:
+    """What every phase of a finetune run shares: the pipeline, whose UNet holds the student and the fake score
+    adapters (`model` sees it as a Denoiser), the prompts and their conditioning, and the reward scorer,
+    discriminator heads and GAN real pool (None where no phase uses them)."""
 
-    def __init__(self, cfg: PipelineConfig, pipe, prompts: list[str], cond_all, uncond, device, scorer, heads,
-                 real_pool, optimizers: dict):
-        self.cfg, self.fc, self.pipe, self.unet = cfg, cfg.finetune, pipe, pipe.unet
-        self.model = Denoiser(pipe.unet, schedule_of(pipe))
-        self.prompts, self.cond_all, self.uncond, self.device = prompts, cond_all, uncond, device
-        self.scorer, self.heads, self.real_pool, self.opt = scorer, heads, real_pool, optimizers
+    pipe: Any
+    model: Denoiser
+    prompts: list[str]
+    cond_all: Conditioning
+    uncond: Conditioning
+    scorer: Any = None
+    heads: DiscriminatorHeads | None = None
+    real_pool: tuple | None = None
+
+
+class FinetuneObjective:
+    """The finetune step's math (TLCM section 4.3) on one UNet holding the student and fake score adapters, with
+    one phase's settings `fc` (the finetune section itself when there are no phases). `first` is the phase's first
+    micro-batch index: consecutive phases draw consecutive stretches of the one (seed, index) stream."""
+
+    def __init__(self, cfg: PipelineConfig, fc: FinetuneConfig, models: FinetuneModels, device, optimizers: dict,
+                 first: int = 0):
+        self.cfg, self.fc, self.pipe, self.unet, self.model = cfg, fc, models.pipe, models.pipe.unet, models.model
+        self.prompts, self.cond_all, self.uncond, self.device = models.prompts, models.cond_all, models.uncond, device
+        # a term's models take part in the phases that weigh it only
+        self.scorer = models.scorer if fc.reward_weight else None
+        self.heads = models.heads if fc.gan_weight else None
+        self.real_pool, self.opt, self.first = models.real_pool, optimizers, first
         self.upper = sorted(milestones(self.model.schedule.T, cfg.schedule.segments))[1:]
         size = cfg.teacher.resolution // vae_scale_factor_of(cfg.teacher)
         self.shape = (self.unet.config.in_channels, size, size)
 
     def batches(self, start: int):
         seed = self.cfg.compute.seed
-        return (Micro(k, torch.Generator().manual_seed(seed * 1_000_003 + k)) for k in itertools.count(start))
+        return (Micro(k, torch.Generator().manual_seed(seed * 1_000_003 + k))
+                for k in itertools.count(self.first + start))
 
     def loss(self, b: Micro) -> dict[str, torch.Tensor]:
         fc, g, schedule, model = self.fc, b.g, self.model.schedule, self.model
@@ -242,10 +268,16 @@ class FinetuneObjective:
         return out
 
 
-def build_finetune(ctx: StageContext, device: torch.device) -> tuple[FinetuneObjective, TrainState]:
-    """The teacher pipeline with the student LoRA (from the `init` input), the fake score adapter, the
-    discriminator heads, their optimisers and the prompt conditioning."""
+def build_finetune(ctx: StageContext, device: torch.device, phases: list[FinetuneConfig]) -> FinetuneModels:
+    """The teacher pipeline with the student LoRA (from the `init` input), the prompt conditioning, and what the
+    phases' terms need: the reward scorer, the fake score adapter, the discriminator heads, the GAN's real pool.
+
+    Built once for all phases, not per phase: the fake score model and the heads carry their training on through
+    the phases that use them (the fake score must keep following the one student), and PEFT and the heads draw
+    their initial weights from the global RNG, so building them at a phase's start would make them depend on where
+    a resumed run re-entered. Every phase's checkpoints hold them (`phase_state`)."""
     cfg, fc = ctx.cfg, ctx.cfg.finetune
+    reward, dmd, gan = (any(getattr(p, w) for p in phases) for w in ("reward_weight", "dmd_weight", "gan_weight"))
     pipe = load_pipeline(cfg.teacher, device, torch.float32)
     unet = pipe.unet
     load_lora_into(unet, read_lora(ctx.inputs["init"], cfg.lora, teacher_identity(cfg.teacher)).state, cfg.lora)
@@ -253,37 +285,107 @@ def build_finetune(ctx: StageContext, device: torch.device) -> tuple[FinetuneObj
     cond_all, uncond = encode_prompts(pipe, prompts, cfg.teacher.resolution)
     # the toy scorer scores toy-world prompts, whichever teacher draws them
     world = cfg.teacher.toy_world or toy_world(cfg.trajectories.prompts)
-    scorer = build_scorer(fc.reward_scorer, fc.reward_model, fc.allow_pickle, world, device) if fc.reward_weight \
-        else None
-    if fc.dmd_weight:
+    scorer = build_scorer(fc.reward_scorer, fc.reward_model, fc.allow_pickle, world, device) if reward else None
+    torch.manual_seed(cfg.compute.seed)  # the fake adapter's and the heads' initial weights, whatever ran before
+    if dmd:
         attach_lora(unet, LoRAConfig(rank=fc.fake_rank, alpha=fc.fake_rank, target_modules=cfg.lora.target_modules),
                     adapter_name=FAKE)
         unet.set_adapter(ADAPTER)
-    heads = DiscriminatorHeads(unet.config.block_out_channels[-1]).to(device) if fc.gan_weight else None
+    heads = DiscriminatorHeads(unet.config.block_out_channels[-1]).to(device) if gan else None
     unet.train()
-    student, fake = adapter_weights(unet, ADAPTER), adapter_weights(unet, FAKE)
-    for p in student.parameters() + fake.parameters():
+    for p in adapter_weights(unet, ADAPTER).parameters() + adapter_weights(unet, FAKE).parameters():
         p.requires_grad_(True)
+    models = FinetuneModels(pipe, Denoiser(unet, schedule_of(pipe)), prompts, cond_all, uncond.to(device), scorer,
+                            heads)
+    if gan and fc.gan_real == "teacher":
+        models.real_pool = teacher_real_pool(cfg, models.model, unet, cond_all, models.uncond, ctx.out)
+    return models
+
+
+def phase_state(models: FinetuneModels, fc: FinetuneConfig) -> TrainState:
+    """One phase's TrainState: every trainable model there is, so that each phase's checkpoints hold all that the
+    phases after it start from, and fresh optimisers (as separate runs would have) for those this phase trains."""
+    unet = models.pipe.unet
+    student, fake = adapter_weights(unet, ADAPTER), adapter_weights(unet, FAKE)
     weights, opts = {"student": student}, {"student": make_optimizer(student.parameters(), fc)}
     if fake.params:
-        weights["fake"], opts["fake"] = fake, torch.optim.AdamW(fake.parameters(), lr=fc.fake_score_lr)
-    if heads is not None:
-        weights["disc"] = heads
-        opts["disc"] = torch.optim.AdamW(heads.parameters(), lr=fc.discriminator_lr, betas=(0.0, 0.99))
-    objective = FinetuneObjective(cfg, pipe, prompts, cond_all, uncond.to(device), device, scorer, heads, None, opts)
-    if fc.gan_weight and fc.gan_real == "teacher":
-        objective.real_pool = teacher_real_pool(cfg, objective.model, unet, cond_all, objective.uncond, ctx.out)
-    return objective, TrainState(weights, opts)
+        weights["fake"] = fake
+        if fc.dmd_weight:
+            opts["fake"] = torch.optim.AdamW(fake.parameters(), lr=fc.fake_score_lr)
+    if models.heads is not None:
+        weights["disc"] = models.heads
+        if fc.gan_weight:
+            opts["disc"] = torch.optim.AdamW(models.heads.parameters(), lr=fc.discriminator_lr, betas=(0.0, 0.99))
+    return TrainState(weights, opts)
+
+
+def _terms(fc: FinetuneConfig) -> list[str]:
+    return [k for k, w in (("reward", fc.reward_weight), ("dmd", fc.dmd_weight), ("gan", fc.gan_weight)) if w]
+
+
+# the column of a term in a log row; `train` logs terms only when there are several, so a one-term phase's rows
+# get its column from `loss`, which then is that term
+TERM_COLUMNS = {"reward": "reward", "dmd": "dmd", "gan": "gan_g"}
+
+
+def _phased_result(phases: list[FinetuneConfig], results: list[TrainResult]) -> TrainResult:
+    """The phases' trainings as one: every log row with its `phase` (1, 2, ...) and `step` counted through all
+    phases; resumed from the step (so counted) where this run's training began, and its rate over all of it."""
+    log, offset, seconds = [], 0, 0.0
+    for i, (fc, r) in enumerate(zip(phases, results), 1):
+        terms = _terms(fc)
+        for row in r.log:
+            row = {"phase": i, **row, "step": offset + row["step"]}
+            if len(terms) == 1:
+                row.setdefault(TERM_COLUMNS[terms[0]], row["loss"])
+            log.append(row)
+        offset += fc.iterations
+        seconds += (fc.iterations - r.start_step) / r.steps_per_second if r.steps_per_second else 0.0
+    done = sum(fc.iterations - r.start_step for fc, r in zip(phases, results))
+    return TrainResult(log, sum(r.start_step for r in results), done / seconds if seconds else 0.0)
+
+
+def _phased_summary(ctx: StageContext, unet, phases: list[FinetuneConfig], results: list[TrainResult]) -> dict:
+    """The LoRA, the phases' log as one (with its `phase` column) and a summary with each phase's own numbers."""
+    result = _phased_result(phases, results)
+    # write_trained_lora reads the trainer config for its iteration count: the phases' together
+    total = phases[-1].model_copy(update={"iterations": sum(fc.iterations for fc in phases)})
+    summary = write_trained_lora(ctx, unet, result, total)
+    if not summary:  # not the main process
+        return summary
+    per_phase = []
+    for i, (fc, r) in enumerate(zip(phases, results), 1):
+        last = next((row for row in reversed(result.log) if row["phase"] == i), {})
+        per_phase.append({"phase": i, "iterations": fc.iterations, "batch_size": fc.batch_size, "terms": _terms(fc),
+                          "resumed_from_step": r.start_step,
+                          "final": {k: v for k, v in last.items() if k not in ("phase", "step", "lr", "elapsed_s")}})
+    return {**summary, "final": {k: v for k, v in summary["final"].items() if k != "phase"},
+            "terms": [t for t in ("reward", "dmd", "gan") if any(t in p["terms"] for p in per_phase)],
+            "phases": per_phase}
 
 
 def run(ctx: StageContext) -> dict:
-    fc, device = ctx.cfg.finetune, stage_device(ctx)
-    objective, state = build_finetune(ctx, device)
-    result = train(objective, state, fc, name="finetune", ckpt=CheckpointIO(ctx.out), reporter=ctx.reporter,
-                   device=device, dtype=ctx.cfg.compute.dtype, accelerator=ctx.accelerator)
-    summary = write_trained_lora(ctx, objective.unet, result, fc)
-    return summary and {**summary, "terms": [k for k, w in (("reward", fc.reward_weight), ("dmd", fc.dmd_weight),
-                                                            ("gan", fc.gan_weight)) if w]}
+    """One training of the finetune section, or (finetune.phases) one per phase, in order, on the one LoRA."""
+    cfg, device = ctx.cfg, stage_device(ctx)
+    phased, phases = bool(cfg.finetune.phases), cfg.finetune.phase_configs()
+    models = build_finetune(ctx, device, phases)
+    world = ctx.accelerator.num_processes if ctx.accelerator is not None else 1
+    results, first = [], 0
+    for i, fc in enumerate(phases, 1):
+        if not any(p.reward_weight for p in phases[i - 1:]):
+            models.scorer = None  # no phase from here on scores: free it (MPS is a ViT-H)
+        state = phase_state(models, fc)
+        objective = FinetuneObjective(cfg, fc, models, device, state.optimizers, first=first)
+        # without phases: the checkpoints, progress key and log of the single run as they always were
+        name, ckpt = (f"finetune-phase-{i}", CheckpointIO(ctx.out, prefix=f"checkpoints/phase-{i}")) if phased \
+            else ("finetune", CheckpointIO(ctx.out))
+        results.append(train(objective, state, fc, name=name, ckpt=ckpt, reporter=ctx.reporter, device=device,
+                             dtype=cfg.compute.dtype, accelerator=ctx.accelerator, save_final=phased))
+        first += fc.iterations * fc.grad_accum * world  # the micro-batches this phase drew, over all ranks
+    if phased:
+        return _phased_summary(ctx, models.pipe.unet, phases, results)
+    summary = write_trained_lora(ctx, models.pipe.unet, results[0], phases[0])
+    return summary and {**summary, "terms": _terms(phases[0])}
 
 
 def _inputs(cfg: PipelineConfig) -> dict[str, str]:
@@ -293,6 +395,6 @@ def _inputs(cfg: PipelineConfig) -> dict[str, str]:
     return {"init": stage}
 
 
-STAGE = Stage("finetune", version=2, run=run, reads=("finetune", *TRAINER_READS, "schedule", "trajectories.prompts"),
+STAGE = Stage("finetune", version=3, run=run, reads=("finetune", *TRAINER_READS, "schedule", "trajectories.prompts"),
               uses=("finetune.log_every", "finetune.checkpoint_every"), inputs=_inputs, trains=True,
               makes_lora=True)
