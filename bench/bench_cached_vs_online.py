@@ -24,7 +24,7 @@ def child(mode: str, tmp: str, source: str, steps: int, batch: int) -> dict:
     sys.path.insert(0, str(HERE))
     from common import peak_rss_mb
     from tlcm_core.config import load_config
-    from tlcm_core.stages.mlcd import mlcd_loss
+    from tlcm_core.consistency import mlcd_loss
     from tlcm_core.losses import mse
     from tlcm_core.lora import attach_lora, lora_parameters
     from tlcm_core.models import Denoiser, encode_prompts, load_pipeline, load_schedule, load_unet

@@ -21,7 +21,7 @@ from _s3 import moto_s3
 from _toy import teacher_source
 from common import report
 from tlcm_core.config import load_config
-from tlcm_core.stages.mlcd import mlcd_loss
+from tlcm_core.consistency import mlcd_loss
 from tlcm_core.losses import mse
 from tlcm_core.lora import attach_lora, lora_parameters
 from tlcm_core.models import Denoiser, load_schedule, load_unet

@@ -1,5 +1,7 @@
 """Stage 2 (LCD across milestones): its schedule, the teacher's p-step solver, and the stages end to end."""
 
+import json
+
 import numpy as np
 import torch
 
@@ -84,3 +86,49 @@ def test_lcd_stages_end_to_end(tmp_path):
     a = store.artifact("mlcd", res[1].fingerprint).load_tensors("lora.safetensors")
     b = store.artifact("lcd", res[3].fingerprint).load_tensors("lora.safetensors")
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lcd_compared_after_the_jump_weighs_each_milestone_as_the_sampler_sees_it():
+    """lcd.compare=jump with MSE is eq. 10's x0 error scaled per sample by c = a_n - s_n a_m / s_m (the DDIM jump's
+    sensitivity to x0); at t_n = 0 the target is still x_lo itself."""
+    from tlcm_core.losses import mse
+    from tlcm_core.pairs import Batch
+    from tlcm_core.stages.lcd import lcd_loss
+
+    g = torch.Generator().manual_seed(1)
+    model = Denoiser(LinearEps(), SCHED)
+    t_hi, t_lo = torch.tensor([999, 499, 124]), torch.tensor([874, 374, 0])
+    batch = Batch(torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g), t_hi, t_lo, t_lo,
+                  Conditioning(torch.randn(3, 5, 8, generator=g)))
+    x0_hi, _ = model(batch.x_hi, t_hi, batch.cond)
+    target = torch.where((t_lo == 0).reshape(-1, 1, 1, 1), batch.x_lo, model(batch.x_lo, t_lo, batch.cond)[0])
+    a_m, s_m = SCHED.coeffs(t_hi, batch.x_hi)
+    a_n, s_n = SCHED.coeffs(t_lo, batch.x_hi)
+    c = (a_n - s_n * a_m / s_m).flatten()
+    per_sample = (x0_hi - target).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(lcd_loss(model, batch, mse), per_sample.mean())
+    torch.testing.assert_close(lcd_loss(model, batch, mse, compare="jump"), (c**2 * per_sample).mean())
+    assert c[0] < 0.1 < 0.9 < c[2]  # 999 barely counts, 124 almost fully
+
+
+def test_lcd_with_an_mlcd_anchor_reads_the_teachers_pairs_and_logs_both_terms(tmp_path):
+    """lcd.mlcd_weight > 0: the lcd stage takes the teacher's pairs as a second input and adds MLCD's loss on them
+    to each step (both terms in the log); with 0 the stage's inputs are the paper's."""
+    from tlcm_core.pipeline import plan
+    from tlcm_core.toy.pipeline import build_toy_pipeline
+
+    teacher = tmp_path / "tiny"
+    build_toy_pipeline(seed=3).save_pretrained(teacher)
+    base = [f"teacher.source={teacher}", f"store.url={tmp_path / 'store'}",
+            "stages=[teacher-trajectories,mlcd,lcd-trajectories,lcd]", "trajectories.num_samples=32",
+            "trajectories.shard_size=16", "mlcd.iterations=2", "mlcd.batch_size=8", "lcd_trajectories.num_samples=16",
+            "lcd_trajectories.shard_size=8", "lcd_trajectories.q=1", "lcd_trajectories.p=1", "lcd.iterations=2",
+            "lcd.batch_size=8", "lcd.log_every=1", "lora.rank=4"]
+    assert set(plan(load_config("toy-fast", base))["lcd"].inputs) == {"pairs", "init"}
+    cfg = load_config("toy-fast", [*base, "lcd.mlcd_weight=0.5"])
+    res = run_pipeline(cfg, reporter=SilentReporter())
+    art = open_store(cfg).artifact("lcd", res[3].fingerprint)
+    assert art.manifest().inputs["anchor"].endswith(res[0].fingerprint)
+    log = [json.loads(line) for line in art.read_bytes("train_log.jsonl").decode().splitlines()]
+    assert {"consistency", "mlcd_anchor"} <= set(log[-1]) and log[-1]["mlcd_anchor"] > 0
+    assert abs(log[-1]["loss"] - log[-1]["consistency"] - log[-1]["mlcd_anchor"]) < 1e-6

@@ -202,6 +202,9 @@ class LCDConfig(ConsistencyConfig):
     # (every milestone weighs 1); "jump" compares both after the DDIM jump from x_hi to the next milestone, which
     # weighs a milestone's x0 error as the sampler's next state sees it (0.005 at t=999 .. 0.86 at t=124, as MLCD)
     compare: Literal["x0", "jump"] = "x0"
+    # MLCD's loss (eq. 7) on the teacher's pairs, with this weight, added to every LCD step: keeps the student on the
+    # teacher's trajectories while LCD ties the segments together. 0: LCD alone, as the paper
+    mlcd_weight: float = Field(0.0, ge=0)
 
 
 # What a finetune phase (finetune.phases) may set: how long and how it trains, and which terms act with what weight.

@@ -14,10 +14,11 @@ from typing import Callable
 import torch
 
 from .config import TrainerConfig
-from .losses import make_distance
+from .losses import consistency_loss, make_distance
 from .lora import ADAPTER, attach_lora, load_lora_into, lora_metadata, lora_state_dict, read_lora
 from .models import Denoiser, load_schedule, load_unet, resolve_device, teacher_identity
 from .pairs import Batch, PairBatches
+from .schedule import ddim
 from .stage import StageContext
 from .training import CheckpointIO, ParamWeights, TrainResult, TrainState, make_optimizer, train
 
@@ -49,25 +50,46 @@ def student_unet(ctx: StageContext, device: torch.device, init_input: str | None
     return unet
 
 
-class ConsistencyObjective:
-    """One consistency loss over deterministic batches of cached pairs."""
+def mlcd_loss(student: Denoiser, batch: Batch, distance) -> torch.Tensor:
+    """TLCM eq. 7: d(g(x_hi, t_hi, t_step), stopgrad g(x_lo, t_lo, t_step)), g = DDIM jump of the student's x0
+    to the segment's lower boundary; g is the identity where t_lo is the boundary itself."""
+    sch = student.schedule
+    x0_hi, _ = student(batch.x_hi, batch.t_hi, batch.cond)
+    pred = ddim(sch, batch.x_hi, x0_hi, batch.t_hi, batch.t_step)
+    with torch.no_grad():
+        x0_lo, _ = student(batch.x_lo, batch.t_lo, batch.cond)
+        target = ddim(sch, batch.x_lo, x0_lo, batch.t_lo, batch.t_step)
+    return consistency_loss(pred, target, distance)
 
-    def __init__(self, loss_fn: ConsistencyLoss, student: Denoiser, distance, data: PairBatches, device):
+
+class ConsistencyObjective:
+    """One consistency loss over deterministic batches of cached pairs; with an `anchor` (pairs, weight), MLCD's
+    loss on those pairs is added to every step with that weight (lcd.mlcd_weight)."""
+
+    def __init__(self, loss_fn: ConsistencyLoss, student: Denoiser, distance, data: PairBatches, device,
+                 anchor: tuple[PairBatches, float] | None = None):
         self.loss_fn, self.student, self.distance, self.data, self.device = loss_fn, student, distance, data, device
+        self.anchor = anchor
 
     def batches(self, start: int):
-        return self.data.batches_from(start)
+        main = self.data.batches_from(start)
+        return main if self.anchor is None else zip(main, self.anchor[0].batches_from(start))
 
-    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return {"loss": self.loss_fn(self.student, batch.to(self.device), self.distance)}
+    def loss(self, batch) -> dict[str, torch.Tensor]:
+        if self.anchor is None:
+            return {"loss": self.loss_fn(self.student, batch.to(self.device), self.distance)}
+        own, anchor = batch
+        return {"consistency": self.loss_fn(self.student, own.to(self.device), self.distance),
+                "mlcd_anchor": self.anchor[1] * mlcd_loss(self.student, anchor.to(self.device), self.distance)}
 
     def after_step(self, batch, sync) -> dict[str, torch.Tensor]:
         return {}
 
 
 def train_consistency(ctx: StageContext, tcfg: TrainerConfig, loss_fn: ConsistencyLoss,
-                      init_input: str | None = None) -> dict:
-    """Train the student LoRA on the `pairs` input with `loss_fn`; write lora.safetensors and the training log."""
+                      init_input: str | None = None, anchor_weight: float = 0.0) -> dict:
+    """Train the student LoRA on the `pairs` input with `loss_fn` (plus `anchor_weight` x MLCD's loss on the
+    `anchor` input's pairs); write lora.safetensors and the training log."""
     cfg = ctx.cfg
     device = stage_device(ctx)
     schedule = load_schedule(cfg.teacher)
@@ -80,10 +102,12 @@ def train_consistency(ctx: StageContext, tcfg: TrainerConfig, loss_fn: Consisten
         latent_lpips = resolve_latent_lpips(cfg, ctx.out.store, lpips_art.uri if lpips_art else None, device=device)
     distance = make_distance(tcfg.distance, tcfg.huber_c, latent_lpips)
     data = PairBatches(ctx.inputs["pairs"], tcfg.batch_size, seed=cfg.compute.seed, prefetch=tcfg.prefetch)
+    anchor = (PairBatches(ctx.inputs["anchor"], tcfg.batch_size, seed=cfg.compute.seed, prefetch=tcfg.prefetch),
+              anchor_weight) if anchor_weight else None
     weights = adapter_weights(unet)
     state = TrainState({"student": weights}, {"student": make_optimizer(weights.parameters(), tcfg)})
     torch.manual_seed(cfg.compute.seed)
-    result = train(ConsistencyObjective(loss_fn, Denoiser(unet, schedule), distance, data, device), state, tcfg,
+    result = train(ConsistencyObjective(loss_fn, Denoiser(unet, schedule), distance, data, device, anchor), state, tcfg,
                    name=ctx.out.stage, ckpt=CheckpointIO(ctx.out), reporter=ctx.reporter, device=device,
                    dtype=cfg.compute.dtype, accelerator=ctx.accelerator)
     return write_trained_lora(ctx, unet, result, tcfg)

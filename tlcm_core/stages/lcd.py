@@ -35,9 +35,16 @@ def lcd_loss(student: Denoiser, batch: Batch, distance, compare: str = "x0") -> 
 
 
 def run(ctx: StageContext) -> dict:
-    return train_consistency(ctx, ctx.cfg.lcd, partial(lcd_loss, compare=ctx.cfg.lcd.compare), init_input="init")
+    lc = ctx.cfg.lcd
+    return train_consistency(ctx, lc, partial(lcd_loss, compare=lc.compare), init_input="init",
+                             anchor_weight=lc.mlcd_weight)
 
 
-STAGE = Stage("lcd", version=2, run=run, reads=trainer_reads("lcd"), uses=trainer_uses("lcd"),
-              inputs=with_latent_lpips("lcd", {"pairs": "lcd-trajectories", "init": "mlcd"}), trains=True,
-              makes_lora=True)
+def _inputs(cfg) -> dict[str, str]:
+    """The student's pairs and stage-1 LoRA; the teacher's pairs too when MLCD's loss anchors LCD."""
+    inputs = with_latent_lpips("lcd", {"pairs": "lcd-trajectories", "init": "mlcd"})(cfg)
+    return {**inputs, "anchor": "teacher-trajectories"} if cfg.lcd.mlcd_weight else inputs
+
+
+STAGE = Stage("lcd", version=2, run=run, reads=trainer_reads("lcd"), uses=trainer_uses("lcd"), inputs=_inputs,
+              trains=True, makes_lora=True)
