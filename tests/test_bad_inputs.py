@@ -292,8 +292,13 @@ def _edit_json(path: Path, **changes) -> None:
 
 TEACHERS = {
     "no-model-index": (lambda d: (d / "model_index.json").unlink(), "no model_index.json"),
-    "another-pipeline-class": (lambda d: _edit_json(d / "model_index.json", _class_name="FluxPipeline"),
-                               "is a FluxPipeline"),
+    "another-pipeline-class": (lambda d: _edit_json(d / "model_index.json", _class_name="PixArtAlphaPipeline"),
+                               "is a PixArtAlphaPipeline; supported: StableDiffusionXLPipeline (unet)"),
+    "sdxl-files-claiming-to-be-flux": (lambda d: _edit_json(d / "model_index.json", _class_name="FluxPipeline"),
+                                       "the pipeline has no transformer"),
+    "sdxl-files-claiming-to-be-sd3": (
+        lambda d: _edit_json(d / "model_index.json", _class_name="StableDiffusion3Pipeline"),
+        "the pipeline has no transformer"),
     "unet-without-text-time": (lambda d: _edit_json(d / "unet" / "config.json", addition_embed_type=None),
                                "not SDXL-shaped"),
     "no-second-text-encoder": (lambda d: _edit_json(d / "model_index.json", text_encoder_2=[None, None]),

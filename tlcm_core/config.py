@@ -63,6 +63,11 @@ class TeacherConfig(Section):
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" for the hub's half-precision weight files
     resolution: int = Field(32, ge=8, description="image side in pixels the teacher generates")
+    # the model family (tlcm_core/families/): auto detects it from model_index.json's _class_name; name it for a hub
+    # id whose model_index.json should not be fetched just to find out
+    family: Literal["auto", "unet", "flux", "sd3"] = "auto"
+    # T5 tokens per prompt for FLUX.1 / SD3 teachers (None: the pipeline's default, 512 / 256); SD/SDXL ignore it
+    max_sequence_length: int | None = Field(None, ge=1, le=512)
 
     @field_validator("source")
     @classmethod

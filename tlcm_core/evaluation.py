@@ -27,10 +27,10 @@ import torch
 from .config import LoRAConfig, PipelineConfig
 from .lora import LoRAError, load_lora_into, merge_lora
 from .models import (Conditioning, Denoiser, decode_latents, encode_prompts, images_uint8, latent_shape,
-                     load_pipeline, resolve_device, resolve_dtype)
+                     load_pipeline, network_of, resolve_device, resolve_dtype, schedule_of)
 from .progress import Reporter
 from .samplers import ddim_sample, student_x0_fn, teacher_x0_fn, tlcm_sample
-from .schedule import NoiseSchedule, ddim_timesteps, milestones, sampler_timesteps
+from .schedule import ddim_timesteps, milestones, sampler_timesteps
 
 
 def metrics_kind(cfg: PipelineConfig) -> str:
@@ -78,16 +78,18 @@ class Sampler:
 
     def __init__(self, cfg: PipelineConfig, pipe, lora: dict | None):
         self.cfg, self.pipe = cfg, pipe
-        self.schedule = NoiseSchedule.from_config(dict(pipe.scheduler.config))
-        self.device = pipe.unet.device
+        self.schedule = schedule_of(pipe, cfg.teacher.resolution)
+        net = network_of(pipe)
+        self.device = net.device
         self.prompts = eval_prompts(cfg)
-        self.cond, self.uncond = encode_prompts(pipe, self.prompts, cfg.teacher.resolution)
+        self.cond, self.uncond = encode_prompts(pipe, self.prompts, cfg.teacher.resolution,
+                                                max_sequence_length=cfg.teacher.max_sequence_length)
         self.shape = latent_shape(pipe, cfg.teacher.resolution)
         self.student = lora is not None
-        if lora is not None:  # merged: sampling runs the plain UNet (its own pipeline, never the teacher's)
-            load_lora_into(pipe.unet, lora, cfg.lora)
-            merge_lora(pipe.unet)
-        self.denoiser = Denoiser(pipe.unet, self.schedule)
+        if lora is not None:  # merged: sampling runs the plain network (its own pipeline, never the teacher's)
+            load_lora_into(net, lora, cfg.lora)
+            merge_lora(net)
+        self.denoiser = Denoiser(net, self.schedule)
 
     @torch.no_grad()
     def batches(self, steps: int, n: int, seed: int, batch_size: int, mode: str = "renoise"):
@@ -96,7 +98,7 @@ class Sampler:
         noise = eval_noise(n, self.shape, seed)
         # the student's milestones (the teacher's DDIM has none: stage teacher-evaluate does not read schedule.segments)
         bounds = milestones(self.schedule.T, self.cfg.schedule.segments) if self.student else None
-        dtype = self.pipe.unet.dtype
+        dtype = network_of(self.pipe).dtype
         for i in range(0, n, batch_size):
             idx = torch.arange(i, min(i + batch_size, n))
             pidx = idx % len(self.prompts)

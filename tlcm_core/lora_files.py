@@ -529,11 +529,17 @@ def export_files(state: dict[str, torch.Tensor], metadata: dict[str, str], forma
 
 
 def base_configs(teacher: TeacherConfig) -> tuple[dict, dict]:
-    """The base model's UNet and scheduler configs (config files only; no weights are loaded)."""
+    """The base model's UNet and scheduler configs (config files only; no weights are loaded). The formats are the
+    SD/SDXL UNet's (key names, ComfyUI workflow, TLCMScheduler): a FLUX.1 / SD3 teacher is refused in one line."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
-    from .models import resolve_teacher_source
+    from .models import TeacherError, resolve_teacher_source, teacher_family
 
+    family = teacher_family(teacher)
+    if family.name != "unet":
+        raise TeacherError(f"export: teacher.source={teacher.source!r} is a {family.name} teacher, and the export "
+                           "formats are SD/SDXL UNet ones so far; drop export from stages (the trained LoRA is the "
+                           "training stage's lora.safetensors)")
     src = resolve_teacher_source(teacher)
     unet = UNet2DConditionModel.load_config(src, subfolder="unet", revision=teacher.revision)
     sched = DDIMScheduler.load_config(src, subfolder="scheduler", revision=teacher.revision)

@@ -1,8 +1,10 @@
-"""Loading teachers (SDXL from a hub id or a local folder, or the toy world's) and one denoiser interface.
+"""Loading teachers (a hub id or a local folder, or the toy world's) and one denoiser interface.
 
-Every model the pipeline runs -- teacher, student, target -- is seen through `Denoiser`: a UNet plus the
-teacher's noise schedule, called as `denoiser(x_t, t, cond) -> (x0, eps)`. Samplers and solvers take a
-denoiser and their randomness as arguments (docs/conventions.md).
+Every model the pipeline runs -- teacher, student, target -- is seen through `Denoiser`: the teacher's denoising
+network (an SD/SDXL UNet, a FLUX.1 or SD3 transformer) plus its noise schedule, called as
+`denoiser(x_t, t, cond) -> (x0, eps)`. What differs between model families (how the network is called, guided and
+conditioned, its schedule, its latents) lives in tlcm_core/families/; this module loads teachers and dispatches to
+their family. Samplers and solvers take a denoiser and their randomness as arguments (docs/conventions.md).
 """
 
 from __future__ import annotations
@@ -11,21 +13,20 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .conditioning import Conditioning
 from .config import ComputeConfig, TeacherConfig
-from .errors import UserError
-from .schedule import NoiseSchedule, cfg
-
-SUPPORTED_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionPipeline")
-
-
-class TeacherError(UserError, ValueError):
-    """The teacher cannot be used (not found, wrong kind, missing parts)."""
+from .families import FAMILIES, ModelFamily, TeacherError, family_of, resolve_family, supported_pipelines
+from .families import vae_scale_factor as _vae_factor
+from .families import vae_scale_shift
+from .families.unet import is_sdxl, sdxl_time_ids
+from .flow_schedule import FlowSchedule
+from .schedule import NoiseSchedule
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -56,93 +57,44 @@ def setup_threads(compute: ComputeConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Conditioning
-
-
-@dataclass
-class Conditioning:
-    """What the UNet needs besides (x_t, t). SDXL adds the pooled text embedding and the 6 size/crop ids."""
-
-    prompt_embeds: torch.Tensor  # (B, L, D)
-    pooled: torch.Tensor | None = None  # (B, Dp)  SDXL only
-    time_ids: torch.Tensor | None = None  # (B, 6)  SDXL only
-
-    def _map(self, fn) -> Conditioning:
-        return Conditioning(**{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name)))
-                               for f in fields(self)})
-
-    def to(self, device=None, dtype=None) -> Conditioning:
-        return self._map(lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else None))
-
-    def __getitem__(self, idx) -> Conditioning:
-        return self._map(lambda v: v[idx])
-
-    def __len__(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    def expand(self, n: int) -> Conditioning:
-        """Repeat a batch-of-one conditioning n times (e.g. the unconditional)."""
-        return self._map(lambda v: v.expand(n, *v.shape[1:]))
-
-    @staticmethod
-    def cat(items: list[Conditioning]) -> Conditioning:
-        def _cat(name):
-            vals = [getattr(c, name) for c in items]
-            return None if vals[0] is None else torch.cat(vals)
-
-        return Conditioning(**{f.name: _cat(f.name) for f in fields(Conditioning)})
-
-    def unet_kwargs(self) -> dict:
-        kw = {"encoder_hidden_states": self.prompt_embeds}
-        if self.pooled is not None:
-            kw["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
-        return kw
-
-    def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        return {prefix + f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-    @staticmethod
-    def from_tensors(t: dict[str, torch.Tensor], prefix: str = "") -> Conditioning:
-        return Conditioning(**{f.name: t.get(prefix + f.name) for f in fields(Conditioning)})
-
-
-def sdxl_time_ids(resolution: int, n: int) -> torch.Tensor:
-    """SDXL micro-conditioning: (original_size, crop_top_left, target_size) = (r, r, 0, 0, r, r)."""
-    return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32).repeat(n, 1)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # The denoiser
 
 
 @dataclass
 class Denoiser:
-    """A UNet seen through the teacher's schedule: `(x_t, t, cond) -> (x0, eps)`."""
+    """A teacher network seen through its schedule: `(x_t, t, cond) -> (x0, eps)`, latents (B, C, h, w), integer t.
+
+    `unet` is the network whatever its family (the name predates the families; callers read it). `family` defaults
+    to the network's own (by class: FluxTransformer2DModel -> flux, SD3Transformer2DModel -> sd3, else unet).
+    """
 
     unet: torch.nn.Module
-    schedule: NoiseSchedule
+    schedule: NoiseSchedule | FlowSchedule
+    family: ModelFamily | None = None
+
+    def __post_init__(self):
+        if self.family is None:
+            self.family = family_of(self.unet)
+
+    @staticmethod
+    def _timesteps(x_t: torch.Tensor, t) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x_t.device)
+        return t.expand(x_t.shape[0]) if t.ndim == 0 else t
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.as_tensor(t, device=x_t.device)
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
-        out = self.unet(x_t, t, **cond.unet_kwargs(), return_dict=False)[0]
+        t = self._timesteps(x_t, t)
+        out = self.family.forward(self.unet, x_t, t, cond, self.schedule)
         return self.schedule.to_x0_eps(out.to(x_t.dtype), x_t, t)
 
     def guided(self, x_t, t, cond: Conditioning, uncond: Conditioning, w: float):
-        """CFG (TLCM eq. 8) in one batched forward pass; returns (x0, eps) of the guided prediction."""
-        t = torch.as_tensor(t, device=x_t.device)
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
+        """Guidance (TLCM eq. 8) as the family applies it (CFG in one batched forward pass, or FLUX.1-dev's guidance
+        embedding) on the raw output, converted once by `schedule.to_x0_eps`: no division by a_t, which is 0 at a
+        flow schedule's pure noise. Returns (x0, eps) of the guided prediction."""
+        t = self._timesteps(x_t, t)
         if w == 1.0:
             return self(x_t, t, cond)
-        n = x_t.shape[0]
-        if len(uncond) == 1 and n > 1:
-            uncond = uncond.expand(n)
-        _, eps = self(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
-        eps = cfg(eps[:n], eps[n:], w)
-        a, s = self.schedule.coeffs(t, x_t)
-        return (x_t - s * eps) / a, eps
+        out = self.family.guided_output(self.unet, x_t, t, cond, uncond, w, self.schedule)
+        return self.schedule.to_x0_eps(out, x_t, t)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -182,10 +134,14 @@ def resolve_teacher_source(teacher: TeacherConfig) -> str:
 
 
 def teacher_identity(teacher: TeacherConfig) -> dict:
-    """What identifies the teacher's weights in fingerprints: content hashes where cheap, else id@revision."""
+    """What identifies the teacher's weights in fingerprints: content hashes where cheap, else id@revision. The T5
+    length enters only when set, so fingerprints made before it existed still hold; the family does not (the weights
+    determine it: a family that does not fit them is refused)."""
     src = resolve_teacher_source(teacher) if teacher.toy_world else teacher.source
     ident = {"source": teacher.source, "revision": teacher.revision, "variant": teacher.variant,
              "resolution": teacher.resolution}
+    if teacher.max_sequence_length is not None:
+        ident["max_sequence_length"] = teacher.max_sequence_length
     if teacher.toy_world:
         h = hashlib.sha256()
         for f in sorted(Path(src).rglob("*")):
@@ -202,7 +158,8 @@ def _model_index(src: str) -> dict | None:
 
 
 def check_teacher(teacher: TeacherConfig) -> str:
-    """Cheap checks before expensive work: the source resolves and names an SD/SDXL diffusers pipeline."""
+    """Cheap checks before expensive work: the source resolves and names a diffusers pipeline of a supported family
+    whose components fit together (read from their config files only)."""
     src = resolve_teacher_source(teacher)
     index = _model_index(src)
     if index is None:
@@ -210,73 +167,60 @@ def check_teacher(teacher: TeacherConfig) -> str:
             raise TeacherError(f"teacher.source={teacher.source!r}: {src} has no model_index.json (not a diffusers "
                                "pipeline folder)")
         return src  # a hub id: checked when loaded
-    cls = index.get("_class_name")
-    if cls not in SUPPORTED_PIPELINES:
-        raise TeacherError(f"teacher.source={teacher.source!r} is a {cls}; supported: {', '.join(SUPPORTED_PIPELINES)} "
-                           "(SDXL-shaped or SD 1.x/2.x)")
-    for part in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
-        if part not in index:
-            raise TeacherError(f"teacher.source={teacher.source!r}: the pipeline has no {part}")
-    _check_teacher_shapes(teacher.source, src, index)
-    return src
+    where = f"teacher.source={teacher.source!r}"
+    family = resolve_family(teacher.family, index.get("_class_name"), where)
+    family.check_parts(where, index)
 
-
-def _check_teacher_shapes(source: str, src: str, index: dict) -> None:
-    """The components' configs fit together as SDXL (two text encoders, text_time conditioning) or SD 1.x/2.x;
-    reads only the small config files, so a mismatched teacher fails before any weights load."""
     def config(part: str) -> dict:
         p = Path(src) / part / "config.json"
         try:
             return json.loads(p.read_text())
         except (OSError, ValueError) as e:
-            raise TeacherError(f"teacher.source={source!r}: cannot read {p} ({type(e).__name__})") from None
+            raise TeacherError(f"{where}: cannot read {p} ({type(e).__name__})") from None
 
-    unet, vae, te = config("unet"), config("vae"), config("text_encoder")
-    where = f"teacher.source={source!r} ({index.get('_class_name')})"
-    if unet.get("in_channels") != vae.get("latent_channels", 4):
-        raise TeacherError(f"{where}: the UNet takes {unet.get('in_channels')} channels but the VAE makes "
-                           f"{vae.get('latent_channels', 4)}")
-    xattn = unet.get("cross_attention_dim")
-    xattn = set(xattn) if isinstance(xattn, list) else {xattn}
-    if index.get("_class_name") == "StableDiffusionXLPipeline":
-        if not index.get("text_encoder_2") or not index.get("tokenizer_2") or None in index["text_encoder_2"]:
-            raise TeacherError(f"{where} is not SDXL-shaped: it has no second text encoder/tokenizer")
-        if unet.get("addition_embed_type") != "text_time":
-            raise TeacherError(f"{where} is not SDXL-shaped: its UNet has addition_embed_type="
-                               f"{unet.get('addition_embed_type')!r}, SDXL needs 'text_time' (pooled text + size ids)")
-        te2 = config("text_encoder_2")
-        want = te.get("hidden_size", 0) + te2.get("hidden_size", 0)
-        if xattn != {want}:
-            raise TeacherError(f"{where} is not SDXL-shaped: UNet cross_attention_dim={unet.get('cross_attention_dim')}"
-                               f" but the two text encoders give {te.get('hidden_size')} + {te2.get('hidden_size')}")
-        pooled = te2.get("projection_dim", te2.get("hidden_size", 0))
-        want = pooled + 6 * (unet.get("addition_time_embed_dim") or 0)
-        if unet.get("projection_class_embeddings_input_dim") != want:
-            raise TeacherError(f"{where} is not SDXL-shaped: UNet projection_class_embeddings_input_dim="
-                               f"{unet.get('projection_class_embeddings_input_dim')}, expected pooled {pooled} + 6 x "
-                               f"addition_time_embed_dim {unet.get('addition_time_embed_dim')} = {want}")
-    elif xattn != {te.get("hidden_size")}:
-        raise TeacherError(f"{where}: UNet cross_attention_dim={unet.get('cross_attention_dim')} does not match the "
-                           f"text encoder's hidden_size={te.get('hidden_size')}")
+    family.check_shapes(f"{where} ({index.get('_class_name')})", index, config)
+    return src
 
 
-def load_schedule(teacher: TeacherConfig) -> NoiseSchedule:
+def teacher_family(teacher: TeacherConfig) -> ModelFamily:
+    """The teacher's family: `teacher.family`, or (auto) read from its model_index.json (fetched for a hub id)."""
+    if teacher.family != "auto":
+        return FAMILIES[teacher.family]
+    src = resolve_teacher_source(teacher)
+    index = _model_index(src)
+    if index is None and not Path(src).exists():
+        from diffusers import DiffusionPipeline
+
+        index = dict(DiffusionPipeline.load_config(src, revision=teacher.revision))
+    return resolve_family("auto", (index or {}).get("_class_name"), f"teacher.source={teacher.source!r}")
+
+
+def _network_config(teacher: TeacherConfig, family: ModelFamily) -> dict:
+    src = resolve_teacher_source(teacher)
+    return dict(family.network_loader().load_config(src, subfolder=family.network_part, revision=teacher.revision))
+
+
+def load_schedule(teacher: TeacherConfig) -> NoiseSchedule | FlowSchedule:
+    """The teacher's schedule from its scheduler config (a flow teacher's shift at teacher.resolution)."""
     from diffusers import DDIMScheduler
 
+    family = teacher_family(teacher)
     src = resolve_teacher_source(teacher)
-    config = DDIMScheduler.load_config(src, subfolder="scheduler", revision=teacher.revision)
-    return NoiseSchedule.from_config(config)
+    config = DDIMScheduler.load_config(src, subfolder="scheduler", revision=teacher.revision)  # only reads the JSON
+    seq = None if family.name == "unet" else family.image_seq_len(
+        teacher.resolution, vae_scale_factor_of(teacher), _network_config(teacher, family))
+    return family.schedule(config, seq)
 
 
 def load_unet(teacher: TeacherConfig, device: torch.device, dtype: torch.dtype = torch.float32):
-    """The teacher's UNet alone (the student starts from it; MLCD loads nothing else)."""
-    from diffusers import UNet2DConditionModel
-
+    """The teacher's denoising network alone, frozen: its UNet, or its transformer for a flow family (the student
+    starts from it; MLCD loads nothing else)."""
+    family = teacher_family(teacher)
     quiet_hub_logging()
     src = resolve_teacher_source(teacher)
-    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", revision=teacher.revision,
-                                                variant=teacher.variant, dtype=dtype)
-    return unet.to(device).eval().requires_grad_(False)
+    net = family.network_loader().from_pretrained(src, subfolder=family.network_part, revision=teacher.revision,
+                                                  variant=teacher.variant, dtype=dtype)
+    return net.to(device).eval().requires_grad_(False)
 
 
 def quiet_hub_logging() -> None:
@@ -289,25 +233,31 @@ def quiet_hub_logging() -> None:
 
 
 def load_pipeline(teacher: TeacherConfig, device: torch.device, dtype: torch.dtype = torch.float32):
-    """The whole diffusers pipeline (text encoders, VAE, UNet); SDXL or SD 1.x/2.x."""
+    """The whole diffusers pipeline (text encoders, VAE, the denoising network) of a supported family, frozen."""
     from diffusers import DiffusionPipeline
 
     quiet_hub_logging()
     src = check_teacher(teacher)
     pipe = DiffusionPipeline.from_pretrained(src, revision=teacher.revision, variant=teacher.variant,
                                              dtype=dtype)
-    if type(pipe).__name__ not in SUPPORTED_PIPELINES:
-        raise TeacherError(f"teacher.source={teacher.source!r} loaded as {type(pipe).__name__}; "
-                           f"supported: {', '.join(SUPPORTED_PIPELINES)}")
+    family = resolve_family(teacher.family, type(pipe).__name__, f"teacher.source={teacher.source!r} (loaded)")
     pipe.set_progress_bar_config(disable=True)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+    for name in (family.network_part, "vae", *family.text_encoder_parts):
+        m = getattr(pipe, name, None)
         if m is not None:
             m.requires_grad_(False).eval()
     return pipe.to(device)
 
 
-def is_sdxl(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None
+def network_of(pipe) -> torch.nn.Module:
+    """The pipeline's denoising network: its UNet or its transformer."""
+    return family_of(pipe).network(pipe)
+
+
+def teacher_denoiser(pipe, resolution: int) -> Denoiser:
+    """The loaded pipeline's network through its schedule (a flow schedule shifted for `resolution`)."""
+    family = family_of(pipe)
+    return Denoiser(family.network(pipe), schedule_of(pipe, resolution), family)
 
 
 def check_prompts(pipe, prompts: list[str], source: str = "prompts") -> None:
@@ -323,43 +273,35 @@ def check_prompts(pipe, prompts: list[str], source: str = "prompts") -> None:
                          + "\n  ".join(too_long[:10]))
 
 
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], resolution: int, batch_size: int = 64) -> tuple[Conditioning, Conditioning]:
+def encode_prompts(pipe, prompts: list[str], resolution: int, batch_size: int = 64,
+                   max_sequence_length: int | None = None) -> tuple[Conditioning, Conditioning]:
     """Text conditioning for each prompt and the unconditional (batch of one), as the pipeline itself encodes them
-    (SDXL: both encoders, pooled embedding, zeros for the empty prompt when force_zeros_for_empty_prompt)."""
-    device = pipe.unet.device
-    conds, uncond = [], None
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        if is_sdxl(pipe):
-            pe, npe, pooled, npooled = pipe.encode_prompt(chunk, device=device, num_images_per_prompt=1,
-                                                          do_classifier_free_guidance=True)
-            conds.append(Conditioning(pe, pooled, sdxl_time_ids(resolution, len(chunk)).to(device, pe.dtype)))
-            uncond = Conditioning(npe[:1], npooled[:1], sdxl_time_ids(resolution, 1).to(device, pe.dtype))
-        else:
-            pe, npe = pipe.encode_prompt(chunk, device=device, num_images_per_prompt=1,
-                                         do_classifier_free_guidance=True)
-            conds.append(Conditioning(pe))
-            uncond = Conditioning(npe[:1])
-    return Conditioning.cat(conds), uncond
+    (its family's encode_prompts; `max_sequence_length`: T5 tokens of a FLUX.1 / SD3 teacher)."""
+    return family_of(pipe).encode_prompts(pipe, prompts, resolution, batch_size, max_sequence_length)
 
 
 def latent_shape(pipe_or_unet, resolution: int, vae_scale_factor: int | None = None) -> tuple[int, int, int]:
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    """(C, h, w) of the latents the stages see at `resolution`, from a pipeline or its bare network."""
+    family = family_of(pipe_or_unet)
+    net = getattr(pipe_or_unet, family.network_part, pipe_or_unet)
     f = vae_scale_factor or getattr(pipe_or_unet, "vae_scale_factor", None)
     if f is None:
         raise ValueError("vae_scale_factor unknown")
     if resolution % f:
         raise ValueError(f"teacher.resolution={resolution} is not divisible by the VAE factor {f}")
-    return (unet.config.in_channels, resolution // f, resolution // f)
+    side, multiple = resolution // f, family.latent_side_multiple(net.config)
+    if side % multiple:
+        raise ValueError(f"teacher.resolution={resolution}: its {side}-latent side is not a multiple of {multiple} "
+                         f"({family.name} packs or patches latents {multiple}x{multiple}); use a multiple of "
+                         f"{f * multiple}")
+    return (family.latent_channels(net.config), side, side)
 
 
 def vae_scale_factor_of(teacher: TeacherConfig) -> int:
     from diffusers import AutoencoderKL
 
     src = resolve_teacher_source(teacher)
-    cfg_ = AutoencoderKL.load_config(src, subfolder="vae", revision=teacher.revision)
-    return 2 ** (len(cfg_["block_out_channels"]) - 1)
+    return _vae_factor(AutoencoderKL.load_config(src, subfolder="vae", revision=teacher.revision))
 
 
 @torch.no_grad()
@@ -375,10 +317,11 @@ def images_uint8(images: torch.Tensor):
 
 
 def decode_latents_grad(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """As decode_latents, differentiable w.r.t. the latents (the VAE itself stays frozen)."""
+    """As decode_latents, differentiable w.r.t. the latents (the VAE itself stays frozen). The latents are the
+    network's, `(z - shift) * scale` of the VAE's z (vae_scale_shift)."""
     vae = pipe.vae
-    z = latents.to(vae.dtype) / vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None)
+    scale, shift = vae_scale_shift(vae.config)
+    z = latents.to(vae.dtype) / scale
     if shift:
         z = z + shift
     img = vae.decode(z, return_dict=False)[0]
@@ -387,16 +330,19 @@ def decode_latents_grad(pipe, latents: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "Conditioning", "Denoiser", "TeacherError", "check_prompts", "check_teacher", "decode_latents",
-    "encode_prompts", "is_sdxl", "latent_shape", "load_pipeline", "load_schedule", "load_unet",
+    "encode_prompts", "is_sdxl", "latent_shape", "load_pipeline", "load_schedule", "load_unet", "network_of",
     "resolve_device", "resolve_dtype", "resolve_teacher_source", "sdxl_time_ids", "setup_threads",
-    "teacher_identity", "vae_scale_factor_of",
+    "supported_pipelines", "teacher_denoiser", "teacher_family", "teacher_identity", "vae_scale_factor_of",
 ]
 
 
-def schedule_of(pipe):
-    from .schedule import NoiseSchedule
-
-    return NoiseSchedule.from_config(dict(pipe.scheduler.config))
+def schedule_of(pipe, resolution: int | None = None):
+    """The loaded pipeline's schedule. A flow teacher's shift may depend on the resolution (FLUX): pass it."""
+    family = family_of(pipe)
+    seq = None
+    if resolution is not None and family.name != "unet":
+        seq = family.image_seq_len(resolution, pipe.vae_scale_factor, family.network(pipe).config)
+    return family.schedule(dict(pipe.scheduler.config), seq)
 
 
 def load_vae(teacher, device: torch.device):
@@ -410,7 +356,7 @@ def load_vae(teacher, device: torch.device):
 
 
 def vae_decoder(vae) -> Callable[[torch.Tensor], torch.Tensor]:
-    """latents (UNet scale) -> images in [0, 1], as models.decode_latents (which only needs `.vae`)."""
+    """latents (the network's scale) -> images in [0, 1], as models.decode_latents (which only needs `.vae`)."""
     from types import SimpleNamespace
 
     holder = SimpleNamespace(vae=vae)
@@ -419,10 +365,10 @@ def vae_decoder(vae) -> Callable[[torch.Tensor], torch.Tensor]:
 
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """images in [0, 1] (N, 3, H, W) -> latents at the UNet's scale (the mean of the VAE posterior)."""
+    """images in [0, 1] (N, 3, H, W) -> latents at the network's scale (the mean of the VAE posterior)."""
     p = next(vae.parameters())
-    sf = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    sf, shift = vae_scale_shift(vae.config)
+    shift = shift or 0.0
     out = []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(p.device, p.dtype) * 2 - 1

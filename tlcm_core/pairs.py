@@ -1,8 +1,9 @@
 """The pair cache: the zarr layout that teacher-trajectories and lcd-trajectories write and MLCD/LCD read.
 
 Layout of a pair artifact (zarr v3 arrays, chunked along the sample axis by `shard_size`):
-  cond/{prompt_embeds,pooled,time_ids}    per prompt (P rows), the text conditioning the teacher saw
-  uncond/{prompt_embeds,pooled,time_ids}  one row: the unconditional used for CFG
+  cond/{prompt_embeds,pooled,time_ids,text_ids,guidance}  per prompt (P rows), the text conditioning the teacher saw
+                                                           (the fields its family fills: tlcm_core/conditioning.py)
+  uncond/{...}      one row: the unconditional used for CFG
   x_hi, x_lo        (N, C, h, w)  the noisier latent and its teacher target (eq. 8, or the p-step solver of eq. 9)
   t_hi, t_lo, t_step, prompt_idx  (N,) int32;   seed (N,) int64: the noise seed of each sample
 Each shard (one chunk of rows) is computed from its samples' seeds alone and marked done when written, so
@@ -40,7 +41,8 @@ def encode_text_arrays(cfg: PipelineConfig, art, pipe, prompts: list[str]) -> No
     """Encode every prompt once and store the conditioning (idempotent: skipped once marked done)."""
     if art.is_done("text"):
         return
-    cond, uncond = encode_prompts(pipe, prompts, cfg.teacher.resolution, batch_size=cfg.trajectories.batch_size)
+    cond, uncond = encode_prompts(pipe, prompts, cfg.teacher.resolution, batch_size=cfg.trajectories.batch_size,
+                                  max_sequence_length=cfg.teacher.max_sequence_length)
     rows = min(len(prompts), 1024)
     for prefix, c in (("cond", cond), ("uncond", uncond)):
         for name, t in c.tensors().items():
@@ -53,7 +55,7 @@ def encode_text_arrays(cfg: PipelineConfig, art, pipe, prompts: list[str]) -> No
 
 def read_conditioning(art, prefix: str, rows=None) -> Conditioning:
     out = {}
-    for name in ("prompt_embeds", "pooled", "time_ids"):
+    for name in Conditioning.field_names():  # a cache written before a field existed simply lacks its array
         if art.exists_file(f"{prefix}/{name}/zarr.json"):
             arr = art.open_array(f"{prefix}/{name}")
             data = arr[...] if rows is None else arr.get_orthogonal_selection((rows,))

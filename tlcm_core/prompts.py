@@ -48,11 +48,13 @@ def prompts_digest(prompts: list[str]) -> str:
 def check_prompt_lengths(prompts: list[str], teacher, source: str = "prompts") -> None:
     """Every prompt fits the teacher's tokenizer(s), checked with the tokenizers alone, before the teacher loads.
 
-    `teacher` is a TeacherConfig. The teacher is checked first (a folder that is not an SD/SDXL pipeline fails
-    with a TeacherError naming it); a longer prompt would be silently truncated by the text encoder, so this
-    raises PromptsError naming the lines, their token counts and the limit.
+    `teacher` is a TeacherConfig. The teacher is checked first (a folder that is not a supported pipeline fails
+    with a TeacherError naming it); which tokenizers and limits count is the family's (`tokenizer_limits`: SD/SDXL
+    their CLIPs at 77, SD3 its CLIPs and T5, FLUX its T5 at teacher.max_sequence_length). A longer prompt would be
+    silently truncated by the text encoder, so this raises PromptsError naming the lines, their token counts and the
+    limit.
     """
-    from .models import check_teacher, quiet_hub_logging
+    from .models import check_teacher, quiet_hub_logging, teacher_family
 
     src = check_teacher(teacher)
     import json
@@ -63,19 +65,15 @@ def check_prompt_lengths(prompts: list[str], teacher, source: str = "prompts") -
     if os.path.isfile(index_path):
         with open(index_path) as f:
             index = json.load(f)
-    subfolders = ["tokenizer"] + (["tokenizer_2"] if index.get("tokenizer_2") and None not in index["tokenizer_2"]
-                                  else [])
-    from transformers import CLIPTokenizer
-
     quiet_hub_logging()
     too_long: dict[int, str] = {}
-    for sub in subfolders:
+    for sub, tokenizer_class, limit in teacher_family(teacher).tokenizer_limits(index, teacher.max_sequence_length):
         try:
-            tok = CLIPTokenizer.from_pretrained(src, subfolder=sub, revision=teacher.revision)
+            tok = tokenizer_class.from_pretrained(src, subfolder=sub, revision=teacher.revision)
         except Exception as e:  # noqa: BLE001 - report which teacher part is unusable
             raise PromptsError(f"cannot load the teacher's {sub} from {teacher.source!r} to check the prompts: "
                                f"{type(e).__name__}: {str(e)[:200]}") from None
-        limit = tok.model_max_length
+        limit = limit or tok.model_max_length
         ids = tok(prompts, truncation=False)["input_ids"]
         for i, (p, n) in enumerate(zip(prompts, ids)):
             if len(n) > limit and i not in too_long:

@@ -1,6 +1,6 @@
 """Stage `lcd-trajectories` (TLCM Algorithm 2, eq. 9): clean latents from the stage-1 student with a q-step
 sampler, forward diffusion to a milestone t_m, and the teacher's p-step CFG-DDIM solver to the next milestone
-below, t_n = t_m - T/M; cached as a pair artifact (tlcm_core/pairs.py) that the `lcd` stage trains on. One UNet
+below, t_n = t_m - T/M; cached as a pair artifact (tlcm_core/pairs.py) that the `lcd` stage trains on. One network
 serves as both models: the LoRA enabled is the student, disabled the teacher. Sharded like teacher-trajectories.
 """
 
@@ -11,9 +11,10 @@ import torch
 
 from ..config import PipelineConfig
 from ..lora import adapters_disabled, load_lora_into, read_lora
-from ..models import Conditioning, Denoiser, schedule_of, teacher_identity
+from ..models import Conditioning, Denoiser, network_of, schedule_of, teacher_identity
 from ..pairs import fill_pair_shards, sample_seed
 from ..samplers import student_clean_latents, teacher_solver
+from ..flow_schedule import FlowSchedule
 from ..schedule import NoiseSchedule, milestones
 from ..stage import Stage, StageContext
 
@@ -38,7 +39,7 @@ def plan_lcd_samples(start: int, stop: int, *, base_seed: int, num_prompts: int,
 
 
 @torch.no_grad()
-def compute_lcd_shard(cfg: PipelineConfig, unet, schedule: NoiseSchedule, cond_all: Conditioning,
+def compute_lcd_shard(cfg: PipelineConfig, unet, schedule: NoiseSchedule | FlowSchedule, cond_all: Conditioning,
                       uncond: Conditioning, start: int, stop: int, shape: tuple[int, int, int]) -> dict:
     lc, sch = cfg.lcd_trajectories, cfg.schedule
     bounds = milestones(sch.num_train_timesteps, sch.segments)
@@ -71,10 +72,10 @@ def run(ctx: StageContext) -> dict:
     student = read_lora(ctx.inputs["lora"], cfg.lora, teacher_identity(cfg.teacher))
 
     def setup(pipe, cond_all, uncond):
-        load_lora_into(pipe.unet, student.state, cfg.lora)
-        schedule = schedule_of(pipe)
-        return lambda start, stop, shape: compute_lcd_shard(cfg, pipe.unet, schedule, cond_all, uncond, start, stop,
-                                                            shape)
+        net = network_of(pipe)
+        load_lora_into(net, student.state, cfg.lora)
+        schedule = schedule_of(pipe, cfg.teacher.resolution)
+        return lambda start, stop, shape: compute_lcd_shard(cfg, net, schedule, cond_all, uncond, start, stop, shape)
 
     return fill_pair_shards(cfg, ctx.out, ctx.reporter, stage="lcd-trajectories", num_samples=lc.num_samples,
                             shard_size=lc.shard_size, storage_dtype=cfg.trajectories.storage_dtype,

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..config import PipelineConfig
-from ..models import Conditioning, Denoiser, schedule_of
+from ..models import Conditioning, Denoiser, teacher_denoiser
 from ..pairs import fill_pair_shards, sample_seed
 from ..samplers import mds_states
 from ..schedule import ddim, lower_boundary, milestones, segment_index
@@ -81,7 +81,7 @@ def run(ctx: StageContext) -> dict:
     cfg, t = ctx.cfg, ctx.cfg.trajectories
 
     def setup(pipe, cond_all, uncond):
-        teacher = Denoiser(pipe.unet, schedule_of(pipe))
+        teacher = teacher_denoiser(pipe, cfg.teacher.resolution)
         return lambda start, stop, shape: compute_shard(cfg, teacher, cond_all, uncond, start, stop, shape)
 
     return fill_pair_shards(cfg, ctx.out, ctx.reporter, stage="teacher-trajectories", num_samples=t.num_samples,
