@@ -25,7 +25,8 @@ from tlcm_core.errors import UserError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="toy", help="preset name (toy, toy-fast, toy-hard, toy-hard-fast, sdxl, sd15) or a YAML path")
+    p.add_argument("--config", default="toy", help="preset name (toy, toy-fast, toy-hard, toy-hard-fast, sdxl, sd15, "
+                   "flux-dev, sd35) or a YAML path")
     p.add_argument("--store", default=None, help="artifact store URL: a folder or s3://bucket/prefix "
                    "(default: the config's store.url)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

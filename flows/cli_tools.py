@@ -128,7 +128,8 @@ def add_export_parser(sub, config_args) -> None:
 
 
 def add_generate_parser(sub) -> None:
-    g = sub.add_parser("generate", help="generate images with a TLCM LoRA (diffusers pipeline + TLCMScheduler)")
+    g = sub.add_parser("generate", help="generate images with a TLCM LoRA (the base's diffusers pipeline + the TLCM "
+                       "scheduler: TLCMScheduler, or FlowMatchTLCMScheduler for FLUX.1 / SD3)")
     g.add_argument("--lora", required=True, help="lora.safetensors path/URL, a training artifact URI, or an "
                    "export folder")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")

@@ -10,7 +10,7 @@ from tlcm_core.config import (ConfigError, PipelineConfig, dump_config, load_con
                               validate_config)
 
 
-@pytest.mark.parametrize("name", ["toy", "toy-fast", "sdxl", "sd15"])
+@pytest.mark.parametrize("name", ["toy", "toy-fast", "sdxl", "sd15", "flux-dev", "sd35"])
 def test_presets_load_and_round_trip(name, tmp_path):
     cfg = load_config(name)
     assert cfg.name == name
@@ -27,7 +27,7 @@ def test_preset_names_and_paper_settings():
     assert (sdxl.mlcd.iterations, sdxl.mlcd.lr) == (12000, 1e-4)
     assert (sdxl.lcd.iterations, sdxl.lcd.lr, sdxl.lcd_trajectories.q, sdxl.lcd_trajectories.p) == (2000, 1e-5, 4, 3)
     assert (sdxl.finetune.batch_size, sdxl.finetune.discriminator_lr) == (4, 1e-4)
-    assert sdxl.lora.rank == 64 and "to_q" in sdxl.lora.target_modules and "time_emb_proj" in sdxl.lora.target_modules
+    assert sdxl.lora.rank == 64 and sdxl.lora.target_modules == "auto"  # a UNet teacher's: the official list
     fast = load_config("toy-fast")
     assert fast.trajectories.num_samples < load_config("toy").trajectories.num_samples  # inherits, then shrinks
     assert fast.schedule.guidance == load_config("toy").schedule.guidance

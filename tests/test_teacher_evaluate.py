@@ -38,15 +38,15 @@ def config(store, *extra: str):
 
 @pytest.fixture
 def teacher_calls(monkeypatch):
-    """How often the teacher's CFG x0 function is built: once per batch the teacher is sampled."""
+    """How often the teacher's baseline sampler runs: once per batch the teacher is sampled."""
     calls = []
-    real = evaluation.teacher_x0_fn
+    real = evaluation.teacher_sample
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(evaluation, "teacher_x0_fn", spy)
+    monkeypatch.setattr(evaluation, "teacher_sample", spy)
     return calls
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -104,7 +104,10 @@ class LoRAConfig(Section):
     rank: int = Field(64, ge=1, le=1024)
     alpha: float = Field(8.0, gt=0)  # PEFT's default lora_alpha, as the official release
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: list(OFFICIAL_TARGET_MODULES), min_length=1)
+    # auto: the teacher family's list (tlcm_core/families/: the official release's for SD/SDXL UNets and FLUX.1,
+    # attention and MLP of both streams for SD3); a list of module-name suffixes (PEFT style) wins, and one that
+    # matches no module of the teacher's network is refused before training
+    target_modules: Literal["auto"] | Annotated[list[str], Field(min_length=1)] = "auto"
 
 
 class StoreConfig(Section):
@@ -133,6 +136,10 @@ class ComputeConfig(Section):
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; None keeps torch's")
     # training stages run data-parallel in this many processes (accelerate: one per GPU; gloo on CPU)
     num_processes: int = Field(1, ge=1, le=64)
+    # the trainers (mlcd, lcd, finetune) recompute each block's activations in the backward pass instead of keeping
+    # them (diffusers' enable_gradient_checkpointing, through the teacher's family): less memory, ~1/3 more compute,
+    # the same weights (bookkeeping: not in any fingerprint). FLUX.1-dev at 1024 px needs it (bench/RESULTS.md)
+    gradient_checkpointing: bool = False
 
     @field_validator("device")
     @classmethod
@@ -242,12 +249,14 @@ class FinetuneConfig(TrainerConfig):
     fake_rank: int = Field(16, ge=1)
     dmd_t_min: int = Field(20, ge=1)
     dmd_t_max: int = Field(980, ge=1)
-    # adversarial, TLCM eq. 13: discriminator = the teacher UNet's frozen encoder + small trainable heads
+    # adversarial, TLCM eq. 13: discriminator = the frozen teacher's features (a UNet's encoder half, a transformer's
+    # image tokens part-way through: ModelFamily.discriminator_features) + small trainable heads
     gan_weight: float = Field(0.0, ge=0)
     gan_loss: Literal["non-saturating", "hinge"] = "non-saturating"
     gan_real: Literal["student-multistep", "teacher"] = "student-multistep"
     gan_real_pool: int = Field(256, ge=1, description="teacher samples cached for gan_real=teacher")
-    gan_real_steps: int = Field(25, ge=1, description="teacher DDIM steps for those samples")
+    gan_real_steps: int = Field(25, ge=1, description="steps of the teacher's baseline sampler for those samples "
+                                "(DDIM + CFG; a flow teacher's Euler on its own grid)")
     discriminator_lr: float = Field(1e-4, gt=0)
     # Stage 3 as consecutive training runs on the one LoRA, in order (TLCM section 4.3 runs the MPS reward alone,
     # 500 iterations at batch 8, then DMD + GAN, 1000 at batch 4). Each phase is a mapping of some of PHASE_FIELDS

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from .config import TrainerConfig
+from .families import family_of
 from .losses import consistency_loss, make_distance
 from .lora import ADAPTER, attach_lora, load_lora_into, lora_metadata, lora_state_dict, read_lora
 from .models import Denoiser, load_schedule, load_unet, resolve_device, teacher_identity
@@ -46,6 +47,8 @@ def student_unet(ctx: StageContext, device: torch.device, init_input: str | None
         load_lora_into(unet, init.state, cfg.lora)
     else:
         attach_lora(unet, cfg.lora)
+    if cfg.compute.gradient_checkpointing:
+        family_of(unet).enable_gradient_checkpointing(unet)
     unet.train()
     return unet
 
@@ -121,7 +124,7 @@ def write_trained_lora(ctx: StageContext, unet, result: TrainResult, tcfg: Train
         return {}
     cfg, out, name = ctx.cfg, ctx.out, ctx.out.stage
     out.save_tensors("lora.safetensors", lora_state_dict(unet),
-                     metadata=lora_metadata(cfg.lora, teacher_identity(cfg.teacher)))
+                     metadata=lora_metadata(cfg.lora, teacher_identity(cfg.teacher), family_of(unet)))
     out.write_bytes("train_log.jsonl", "".join(json.dumps(r) + "\n" for r in result.log).encode())
     ctx.reporter.table(f"{name}-loss", result.log, description=f"{name} training loss")
     if result.log:

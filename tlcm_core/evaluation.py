@@ -1,8 +1,11 @@
-"""Stage `evaluate` and `tlcm eval`: few-step student sampling vs the teacher's DDIM + CFG, measured.
+"""Stage `evaluate` and `tlcm eval`: few-step student sampling vs the teacher's own baseline sampler, measured.
 
 Rows have one shape for teacher and student: method, steps, prompt_accuracy, frechet, seconds_per_image,
-plus a 95% interval for accuracy. In the toy world the metrics come from the shipped toy evaluator; for
-real teachers the field's metrics (CLIP score, aesthetic, ImageReward, HPSv2, PickScore, FID) plug in here.
+plus a 95% interval for accuracy. The teacher's rows are `teacher-ddim-cfg` (DDIM + CFG on trailing timesteps, an
+SD/SDXL teacher) or `teacher-euler` (a flow teacher's Euler on its own shifted sigma grid with the guidance its
+stock pipeline applies: FLUX.1-dev's embedding, SD3's CFG). In the toy world the metrics come from the shipped toy
+evaluator; for real teachers the field's metrics (CLIP score, aesthetic, ImageReward, HPSv2, PickScore, FID) plug
+in here.
 Other methods' few-step LoRAs (ForeignLoRA) are sampled with the stock diffusers scheduler each ships
 (SchedulerSampler), in the same protocol: same prompts, starting noise, seeds and metrics (docs/metrics.md).
 
@@ -26,11 +29,12 @@ import torch
 
 from .config import LoRAConfig, PipelineConfig
 from .lora import LoRAError, load_lora_into, merge_lora
-from .models import (Conditioning, Denoiser, decode_latents, encode_prompts, images_uint8, latent_shape,
-                     load_pipeline, network_of, resolve_device, resolve_dtype, schedule_of)
+from .models import (Conditioning, Denoiser, decode_latents, encode_prompts, family_of, images_uint8, latent_shape,
+                     load_pipeline, network_of, resolve_device, resolve_dtype, schedule_of, teacher_grid)
+from .plots import TEACHER_METHODS, is_teacher
 from .progress import Reporter
-from .samplers import ddim_sample, student_x0_fn, teacher_x0_fn, tlcm_sample
-from .schedule import ddim_timesteps, milestones, sampler_timesteps
+from .samplers import student_x0_fn, teacher_sample, tlcm_sample
+from .schedule import milestones, sampler_timesteps
 
 
 def metrics_kind(cfg: PipelineConfig) -> str:
@@ -73,8 +77,13 @@ def eval_noise(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
     return torch.randn((n, *shape), generator=g)
 
 
+# the teacher's jobs in eval_jobs; its rows are named by the sampler (Sampler.teacher_method)
+TEACHER_JOB = "teacher"
+
+
 class Sampler:
-    """Teacher DDIM+CFG or student TLCM sampling on a loaded pipeline, in batches, timed."""
+    """The teacher's baseline (DDIM + CFG, or a flow teacher's Euler on its own grid) or the student's TLCM
+    sampling on a loaded pipeline, in batches, timed."""
 
     def __init__(self, cfg: PipelineConfig, pipe, lora: dict | None):
         self.cfg, self.pipe = cfg, pipe
@@ -90,6 +99,8 @@ class Sampler:
             load_lora_into(net, lora, cfg.lora)
             merge_lora(net)
         self.denoiser = Denoiser(net, self.schedule)
+        # the teacher's rows: DDIM + CFG on trailing timesteps (DDPM time), or Euler on its stock sigma grid (flow)
+        self.teacher_method = "teacher-ddim-cfg" if family_of(pipe).name == "unet" else "teacher-euler"
 
     @torch.no_grad()
     def batches(self, steps: int, n: int, seed: int, batch_size: int, mode: str = "renoise"):
@@ -113,14 +124,15 @@ class Sampler:
 
     def latents(self, steps: int, x_T: torch.Tensor, cond, generator: torch.Generator, mode: str = "renoise",
                 bounds=None) -> torch.Tensor:
-        """x0 latents from x_T: the student's TLCM sampler, or the teacher's DDIM + CFG."""
+        """x0 latents from x_T: the student's TLCM sampler, or the teacher's own baseline (samplers.teacher_sample:
+        DDIM + CFG on trailing timesteps, or a flow teacher's Euler on its stock pipeline's shifted sigma grid)."""
         if self.student:
             bounds = bounds if bounds is not None else milestones(self.schedule.T, self.cfg.schedule.segments)
             return tlcm_sample(student_x0_fn(self.denoiser, cond), x_T, sampler_timesteps(steps, bounds),
                                self.schedule, mode=mode, generator=generator)
         unc = self.uncond.to(self.device, x_T.dtype)
-        return ddim_sample(teacher_x0_fn(self.denoiser, cond, unc, self.cfg.schedule.guidance), x_T,
-                           ddim_timesteps(steps, self.schedule.T), self.schedule)
+        return teacher_sample(self.denoiser, x_T, steps, cond, unc, self.cfg.schedule.guidance,
+                              teacher_grid(self.pipe, self.cfg.teacher.resolution, steps))
 
     def sample(self, steps: int, n: int, seed: int, batch_size: int, mode: str = "renoise"
                ) -> tuple[torch.Tensor, list[str], float]:
@@ -331,8 +343,8 @@ def side_by_side_names(names: list[str], student_steps: tuple[int, ...] = (2, 4)
     """The rows a side-by-side shows: the teacher at its most steps (the quality reference), then the student at
     `student_steps` (else at its two fewest steps). Names are `method@steps` (evaluate_rows)."""
     parsed = [(n, n.rsplit("@", 1)[0], int(n.rsplit("@", 1)[1])) for n in names]
-    teacher = [p for p in parsed if p[1] == "teacher-ddim-cfg"]
-    student = sorted((p for p in parsed if p[1] != "teacher-ddim-cfg"), key=lambda p: p[2])
+    teacher = [p for p in parsed if is_teacher(p[1])]
+    student = sorted((p for p in parsed if not is_teacher(p[1])), key=lambda p: p[2])
     picked = [p for p in student if p[2] in student_steps] or student[:2]
     return ([max(teacher, key=lambda p: p[2])[0]] if teacher else []) + [p[0] for p in picked]
 
@@ -367,7 +379,7 @@ def side_by_side_png(samples: dict[str, tuple[torch.Tensor, list[str]]], cols: i
     for r, name in enumerate(names):
         y = head + r * (cell + pad)
         method, steps = name.rsplit("@", 1)
-        who = "teacher DDIM+CFG" if method == "teacher-ddim-cfg" else f"student {method}"
+        who = TEACHER_METHODS[method] if is_teacher(method) else f"student {method}"
         draw.multiline_text((6, y + cell // 2 - 16), f"{who}\n{steps} steps", fill="black", font=font, spacing=4)
         arr = images_uint8(samples[name][0][:n])
         for c in range(n):
@@ -452,7 +464,7 @@ def eval_jobs(cfg: PipelineConfig, lora: dict | ForeignLoRA | None, steps: list[
     ref = fid_teacher_steps(cfg)
     if ref is not None:
         teacher_steps = [ref] + [s for s in teacher_steps if s != ref]
-    jobs: list[tuple[str, int, dict | ForeignLoRA | None]] = [("teacher-ddim-cfg", s, None) for s in teacher_steps]
+    jobs: list[tuple[str, int, dict | ForeignLoRA | None]] = [(TEACHER_JOB, s, None) for s in teacher_steps]
     if lora is not None:
         method = lora.method if isinstance(lora, ForeignLoRA) else f"tlcm-{cfg.evaluate.sampler}"
         jobs += [(method, s, lora) for s in steps]
@@ -490,8 +502,8 @@ def grid_file(name: str) -> str:
 
 
 def teacher_rows(cfg: PipelineConfig, steps: list[int], reporter: Reporter) -> TeacherRows:
-    """Sample and measure the teacher (DDIM + CFG) at `steps`, in eval_jobs' order (the FID reference row first),
-    exactly as evaluate_rows does for its teacher rows."""
+    """Sample and measure the teacher (its baseline sampler) at `steps`, in eval_jobs' order (the FID reference row
+    first), exactly as evaluate_rows does for its teacher rows."""
     grids: dict[str, bytes] = {}
     samples: dict = {}
     rows, metrics = _sample_rows(cfg, eval_jobs(cfg, None, steps), reporter, grids, samples)
@@ -529,7 +541,7 @@ def load_teacher_rows(art) -> TeacherRows:
 def evaluate_rows(cfg: PipelineConfig, lora: dict | ForeignLoRA | None, steps: list[int], reporter: Reporter,
                   include_teacher_steps: list[int] | None = None, grids: dict | None = None,
                   samples: dict | None = None, teacher: TeacherRows | None = None) -> list[dict]:
-    """Rows for the student (lora given) at `steps`, and for the teacher (DDIM + CFG) at `include_teacher_steps`
+    """Rows for the student (lora given) at `steps`, and for the teacher (its baseline) at `include_teacher_steps`
     (or at `steps` when lora is None). `grids`, if a dict, receives PNG bytes per row name; `samples`, if a dict,
     the grid's images and prompts per row name (the same prompts and starting noise in every row). A ForeignLoRA is
     sampled with its stock scheduler (SchedulerSampler). With fid_reference=teacher the teacher's samples at
@@ -571,6 +583,7 @@ def _sample_rows(cfg: PipelineConfig, jobs: list[tuple[str, int, dict | ForeignL
             if key and False in samplers:  # the teacher's pipeline gets the LoRA: load a fresh one for the student
                 pipe = load_pipeline(cfg.teacher, device, resolve_dtype(cfg.compute, device))
             samplers[key] = make_sampler(cfg, pipe, lo)
+        method = samplers[key].teacher_method if method == TEACHER_JOB else method
         row, shown, shown_prompts = _sample_row(cfg, samplers[key], method, n_steps, key, metrics, reporter,
                                                 reference=not key and n_steps == ref_steps)
         name = f"{method}@{n_steps}"
@@ -587,7 +600,7 @@ def _sample_row(cfg: PipelineConfig, sampler: Sampler, method: str, n_steps: int
     """One row: its metrics streamed batch by batch, the first grid_size images and their prompts. `reference`:
     these are the teacher's samples FID measures against (fid_reference=teacher)."""
     ev, name = cfg.evaluate, f"{method}@{n_steps}"
-    mode = ev.sampler if student else "renoise"  # the student's sampler; the teacher's DDIM has no mode
+    mode = ev.sampler if student else "renoise"  # the student's sampler; the teacher's baseline has no mode
     if metrics is not None:
         metrics.reset()
     seconds, done, shown, shown_prompts = 0.0, 0, [], []

@@ -130,3 +130,20 @@ class FlowSchedule:
         take `timestep` from `scheduler.timesteps` (float32) and cast it to the latents' dtype.
         """
         return self.sigmas[torch.as_tensor(t).long().cpu()] * self.T
+
+
+@dataclass(frozen=True)
+class SigmaGrid:
+    """A stock sampler's own grid seen through the one method a family's network call reads of a schedule:
+    `model_timestep(i)` is the grid's i-th timestep (sigma * T, float32, noisiest first), so `family.forward` and
+    `family.guided_output` call the network at noise levels between the integer indices of a FlowSchedule.
+
+    `timesteps` and `sigmas` are a FlowMatchEulerDiscreteScheduler's after its `set_timesteps` (`sigmas` one longer,
+    ending with the terminal 0): what `ModelFamily.euler_grid` returns and `samplers.euler_sample` steps through.
+    """
+
+    timesteps: torch.Tensor  # (N,) float32
+    sigmas: torch.Tensor  # (N + 1,) float32
+
+    def model_timestep(self, i: torch.Tensor | int) -> torch.Tensor:
+        return self.timesteps[torch.as_tensor(i).long().cpu()]

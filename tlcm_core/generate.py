@@ -1,9 +1,14 @@
-"""`tlcm generate`: images from a TLCM LoRA, through the diffusers pipeline with `TLCMScheduler`.
+"""`tlcm generate`: images from a TLCM LoRA, through the base's stock diffusers pipeline with the TLCM scheduler:
+`TLCMScheduler` for SD/SDXL UNets, `FlowMatchTLCMScheduler` for FLUX.1 (`FluxPipeline`) and SD3
+(`StableDiffusion3Pipeline`), sampled at guidance 0 (UNet) or `guidance_scale=1` (flow: no CFG batch; FLUX.1-dev's
+guidance embedding at 1.0, the value the student was distilled with).
 
 The base model comes from the LoRA's metadata (`base_model`, written by every training stage) or is given
 explicitly. Image i of a call uses its own generator seeded `seed + i`, for its starting noise and every re-noising
-draw, so an image does not depend on the batch it was generated in (up to the float rounding of batched kernels);
-with the same noise the pipeline reproduces `tlcm_core.samplers.tlcm_sample` exactly (tests/test_generate.py).
+draw (a flow pipeline passes no generator to its scheduler: the generators go in through
+`FlowMatchTLCMScheduler.set_noise_generator`), so an image does not depend on the batch it was generated in (up to
+the float rounding of batched kernels); with the same noise the UNet pipeline reproduces
+`tlcm_core.samplers.tlcm_sample` exactly (tests/test_generate.py).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 import torch
 
 from .config import LoRAConfig, TeacherConfig
+from .families import family_of
 from .lora import ADAPTER, LoRAError, LoRAFile, load_lora_into, merge_lora, read_lora
 
 
@@ -25,7 +31,8 @@ def base_teacher(lora: LoRAFile, base: str | None = None, resolution: int | None
     if base is not None:  # taken as given
         return TeacherConfig(source=base, resolution=resolution or saved.get("resolution") or 1024)
     return TeacherConfig(source=saved["source"], revision=saved.get("revision"), variant=saved.get("variant"),
-                         resolution=resolution or saved.get("resolution") or 1024)
+                         resolution=resolution or saved.get("resolution") or 1024,
+                         max_sequence_length=saved.get("max_sequence_length"))
 
 
 def check_base(lora: LoRAFile, teacher: TeacherConfig) -> None:
@@ -42,22 +49,26 @@ def check_base(lora: LoRAFile, teacher: TeacherConfig) -> None:
 def tlcm_pipeline(teacher: TeacherConfig, lora_state: dict[str, torch.Tensor], lora: LoRAConfig, *,
                   segments: int = 8, sampler: str = "renoise", device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None, extra_loras: Sequence[tuple[Any, float]] = ()):
-    """The base pipeline with the LoRA loaded (as in training: PEFT adapter `tlcm`), merged into the UNet's weights
-    for sampling speed, and the TLCM scheduler.
+    """The base pipeline with the LoRA loaded (as in training: PEFT adapter `tlcm`), merged into the network's
+    weights (UNet or transformer) for sampling speed, and the TLCM scheduler of its family.
 
     `extra_loras`: (LoRA, weight) pairs stacked on the TLCM LoRA, e.g. `[("style.safetensors", 0.8)]` (see
-    `stack_loras`); they are merged into the UNet with their weights too."""
+    `stack_loras`); they are merged into the network with their weights too."""
     from .config import ComputeConfig
+    from .flow_scheduler import FlowMatchTLCMScheduler
     from .models import load_pipeline, resolve_device, resolve_dtype
     from .scheduler import TLCMScheduler
 
     device = torch.device(device) if device is not None else resolve_device(ComputeConfig())
     dtype = dtype or resolve_dtype(ComputeConfig(dtype="float16"), device)
     pipe = load_pipeline(teacher, device, dtype)
-    load_lora_into(pipe.unet, lora_state, lora)
+    family = family_of(pipe)
+    net = family.network(pipe)
+    load_lora_into(net, lora_state, lora)
     for name in stack_loras(pipe, extra_loras):
-        merge_lora(pipe.unet, name)
-    pipe.scheduler = TLCMScheduler.from_base(pipe.scheduler.config, segments=segments, sampler=sampler)
+        merge_lora(net, name)
+    scheduler = TLCMScheduler if family.name == "unet" else FlowMatchTLCMScheduler
+    pipe.scheduler = scheduler.from_base(pipe.scheduler.config, segments=segments, sampler=sampler)
     return pipe
 
 
@@ -92,19 +103,27 @@ def generate(base: str | TeacherConfig | None, lora_state: dict[str, torch.Tenso
     """
     if not prompts:
         raise ValueError("no prompts to generate")
+    teacher = base if isinstance(base, TeacherConfig) else TeacherConfig(source=base) if base is not None else None
     if pipe is None:
-        teacher = base if isinstance(base, TeacherConfig) else TeacherConfig(source=base)
         pipe = tlcm_pipeline(teacher, lora_state, lora, segments=segments, sampler=sampler, device=device,
                              dtype=dtype)
-    # default size: the base's own (what its pipeline would use), e.g. 1024 for SDXL, 32 for the toy world
-    res = resolution or (base.resolution if isinstance(base, TeacherConfig) else None) or \
-        pipe.unet.config.sample_size * pipe.vae_scale_factor
+    flow = family_of(pipe).name != "unet"
+    # default size: the base's own (what its pipeline would use), e.g. 1024 for SDXL and FLUX, 32 for the toy world
+    res = resolution or (teacher.resolution if isinstance(base, TeacherConfig) else None) or \
+        (pipe.default_sample_size if flow else pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    # the LoRA is guidance-distilled: UNet guidance 0; flow guidance_scale 1, no CFG batch (FLUX.1-dev: its guidance
+    # embedding at 1.0, the value the student was distilled with), and the T5 length it was trained with
+    kw: dict = {"guidance_scale": 1.0 if flow else 0.0}
+    if flow and teacher is not None and teacher.max_sequence_length:
+        kw["max_sequence_length"] = teacher.max_sequence_length
     images: list = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=0.0, generator=gens, height=res,
-                   width=res, output_type=output_type).images
+        if flow:  # these pipelines never pass their generator to the scheduler's step
+            pipe.scheduler.set_noise_generator(gens)
+        out = pipe(prompt=chunk, num_inference_steps=steps, generator=gens, height=res, width=res,
+                   output_type=output_type, **kw).images
         images.extend(out if output_type == "pil" else list(out))
     return images if output_type == "pil" else torch.stack(images)
 

@@ -1,10 +1,13 @@
 """LoRA attachment and (de)serialization -- kept in one place (docs/conventions.md).
 
-Inside the pipeline a TLCM LoRA is a safetensors file of PEFT tensors under a `unet.` prefix
-(`unet.<module>.lora_A.weight` / `lora_B.weight`, every module named alike) whose metadata records the LoRA
-config (rank and alpha) and the base model identity, so a LoRA of the wrong rank or for another base is refused
-before any work. For other programs, the `export` stage writes the diffusers, kohya/ComfyUI and PEFT layouts
-(tlcm_core/export.py), with alpha folded in where the consumer assumes alpha = rank.
+Inside the pipeline a TLCM LoRA is a safetensors file of PEFT tensors under the prefix of the network it adapts,
+the teacher family's `network_part` (`unet.<module>.lora_A.weight` / `lora_B.weight` for SD/SDXL,
+`transformer.<module>...` for FLUX.1 and SD3; every module named alike), whose metadata records the LoRA config
+(rank, alpha, the target modules as resolved) and the base model identity, so a LoRA of the wrong rank or for
+another base is refused before any work; a LoRA of a flow teacher also records its family (`family`; absent means
+`unet`, as in every file written before the families). `lora.target_modules: auto` is the family's list
+(`ModelFamily.lora_target_modules`). For other programs, the `export` stage writes the diffusers, kohya/ComfyUI and
+PEFT layouts (tlcm_core/lora_files.py), with alpha folded in where the consumer assumes alpha = rank.
 """
 
 from __future__ import annotations
@@ -12,32 +15,93 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import LoRAConfig
 from .errors import UserError
+from .families import FAMILIES, ModelFamily, family_of
 
 ADAPTER = "tlcm"
+# the key prefixes of a TLCM LoRA file: the network part of its family (unet: SD/SDXL; transformer: FLUX.1, SD3)
+KEY_PREFIXES = tuple(sorted({f.network_part + "." for f in FAMILIES.values()}))
 
 
 class LoRAError(UserError, ValueError):
     pass
 
 
-def _present_targets(unet: torch.nn.Module, targets: list[str]) -> list[str]:
-    names = [n for n, _ in unet.named_modules()]
+def family_targets(lora: LoRAConfig, family: ModelFamily | str) -> list[str]:
+    """The target modules `lora` asks for on a network of `family`: its explicit list, or (auto) the family's."""
+    family = FAMILIES[family] if isinstance(family, str) else family
+    return list(family.lora_target_modules) if lora.target_modules == "auto" else list(lora.target_modules)
+
+
+def resolved_lora(lora: LoRAConfig, family: ModelFamily | str) -> LoRAConfig:
+    """`lora` with `target_modules: auto` replaced by the family's list (what a LoRA file's metadata records)."""
+    return lora if lora.target_modules != "auto" else lora.model_copy(
+        update={"target_modules": family_targets(lora, family)})
+
+
+def _present_targets(net: torch.nn.Module, targets: list[str]) -> list[str]:
+    names = [n for n, _ in net.named_modules()]
     return [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
 
 
+def _within_block(name: str) -> str:
+    """A module's name inside its repeated block (after the last index followed by two or more parts):
+    down_blocks.0.attentions.1.transformer_blocks.0.ff.net.0.proj -> ff.net.0.proj; x_embedder -> x_embedder."""
+    parts = name.split(".")
+    cut = max((i + 1 for i, p in enumerate(parts) if p.isdigit() and len(parts) - i > 2), default=0)
+    return ".".join(parts[cut:])
+
+
+def adaptable_modules(net: torch.nn.Module) -> str:
+    """The network's linear and convolution layers as target-module suffixes, for error messages."""
+    kinds = (torch.nn.Linear, torch.nn.Conv2d)
+    return ", ".join(sorted({_within_block(n) for n, m in net.named_modules() if isinstance(m, kinds)}))
+
+
+def lora_targets(net: torch.nn.Module, lora: LoRAConfig) -> list[str]:
+    """The targets `attach_lora` adapts on `net`: those of `family_targets` present in it (PEFT suffix matching).
+    None present: one LoRAError naming the family, the network's layers and the family's default list."""
+    family = family_of(net)
+    wanted = family_targets(lora, family)
+    targets = _present_targets(net, wanted)
+    if not targets:
+        raise LoRAError(f"lora.target_modules={wanted} match no module of the {family.name} teacher's "
+                        f"{type(net).__name__}, whose layers are {adaptable_modules(net)}; name some of those, or set "
+                        f"lora.target_modules=auto ({family.name}: {list(family.lora_target_modules)})")
+    return targets
+
+
+def check_lora_targets(teacher, lora: LoRAConfig) -> None:
+    """Before any stage runs: an explicit `lora.target_modules` must match some module of the teacher's network,
+    built without weights from its config. Only where the teacher's files are local (a toy teacher, a folder); a hub
+    teacher's list is checked when its network loads, before the first training step."""
+    from accelerate import init_empty_weights
+
+    from .models import local_family, network_config, resolve_teacher_source
+
+    family = local_family(teacher) if lora.target_modules != "auto" else None
+    folder = teacher.toy_world is not None or Path(teacher.source.removeprefix("file://")).is_dir()
+    if family is None or not folder:  # `auto`, or a hub id / remote URL (nothing fetched here)
+        return
+    if not (Path(resolve_teacher_source(teacher)) / family.network_part / "config.json").is_file():
+        return  # not a diffusers folder: check_teacher says so when the teacher loads
+    with init_empty_weights():
+        net = family.network_loader().from_config(network_config(teacher, family))
+    lora_targets(net, lora)
+
+
 def attach_lora(unet: torch.nn.Module, lora: LoRAConfig, adapter_name: str = ADAPTER) -> None:
-    """Add a trainable LoRA adapter to the UNet (PEFT), initialised to zero so the student starts as the teacher."""
+    """Add a trainable LoRA adapter to the teacher's network (its UNet or transformer; PEFT), initialised to zero so
+    the student starts as the teacher."""
     from peft import LoraConfig
 
-    targets = _present_targets(unet, lora.target_modules)
-    if not targets:
-        raise LoRAError(f"none of lora.target_modules={lora.target_modules} exist in this UNet")
+    targets = lora_targets(unet, lora)
     unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                 init_lora_weights=True, target_modules=targets), adapter_name=adapter_name)
     unet.set_adapter(adapter_name)
@@ -48,16 +112,40 @@ def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def lora_state_dict(unet: torch.nn.Module, adapter_name: str = ADAPTER) -> dict[str, torch.Tensor]:
-    """The adapter's PEFT tensors under a `unet.` prefix (lora_A/lora_B for every module; see the module doc)."""
+    """The adapter's PEFT tensors under the network's prefix, `unet.` or `transformer.` (lora_A/lora_B for every
+    module; see the module doc)."""
     from peft.utils import get_peft_model_state_dict
 
+    prefix = family_of(unet).network_part
     sd = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    return {f"unet.{k}": v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    return {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
-def lora_metadata(lora: LoRAConfig, base: dict) -> dict[str, str]:
-    return {"format": "tlcm-lora/1", "lora_config": json.dumps(lora.model_dump(mode="json")),
+def lora_metadata(lora: LoRAConfig, base: dict, family: ModelFamily | str = "unet") -> dict[str, str]:
+    """A TLCM LoRA file's metadata: the config with its targets resolved for `family`, the base model identity and,
+    for a flow family, the family (a UNet LoRA's metadata is what it was before the families, byte for byte)."""
+    family = FAMILIES[family] if isinstance(family, str) else family
+    meta = {"format": "tlcm-lora/1", "lora_config": json.dumps(resolved_lora(lora, family).model_dump(mode="json")),
             "base_model": json.dumps(base, sort_keys=True)}
+    if family.name != "unet":
+        meta["family"] = family.name
+    return meta
+
+
+def lora_family(metadata: dict[str, str]) -> str:
+    """The family a TLCM LoRA file was trained for (metadata `family`; absent: unet)."""
+    return metadata.get("family", "unet")
+
+
+def split_prefix(state: dict[str, torch.Tensor], where: str = "LoRA") -> tuple[str, dict[str, torch.Tensor]]:
+    """(prefix, tensors without it): every key of a TLCM LoRA starts with one of KEY_PREFIXES, the same one."""
+    prefixes = {next((p for p in KEY_PREFIXES if k.startswith(p)), None) for k in state}
+    if len(prefixes) != 1 or None in prefixes:
+        odd = next((k for k in state if not k.startswith(KEY_PREFIXES)), None)
+        raise LoRAError(f"{where}: a TLCM LoRA's keys all start with one of {', '.join(KEY_PREFIXES)}; "
+                        + (f"found {odd!r}" if odd else f"found {sorted(p for p in prefixes if p)}"))
+    prefix = prefixes.pop()
+    return prefix, {k[len(prefix):]: v for k, v in state.items()}
 
 
 def check_lora(state: dict[str, torch.Tensor], metadata: dict[str, str], lora: LoRAConfig | None = None,
@@ -80,17 +168,22 @@ def check_lora(state: dict[str, torch.Tensor], metadata: dict[str, str], lora: L
 
 def load_lora_into(unet: torch.nn.Module, state: dict[str, torch.Tensor], lora: LoRAConfig,
                    adapter_name: str = ADAPTER) -> None:
-    """Attach an adapter with `lora`'s shape and load weights saved by `lora_state_dict`; every key must match."""
+    """Attach an adapter with `lora`'s shape and load weights saved by `lora_state_dict`; every key must match.
+    The keys' prefix must be the network's (`unet.` for a UNet, as every file written before the families)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
+    prefix, sd = split_prefix(state)
+    network = family_of(unet)
+    if prefix != network.network_part + ".":
+        raise LoRAError(f"LoRA keys start with {prefix!r}: a LoRA of another kind of network than this "
+                        f"{type(unet).__name__} ({network.name}, keys {network.network_part}.*)")
     if adapter_name not in getattr(unet, "peft_config", {}):
         attach_lora(unet, lora, adapter_name)
-    sd = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
     peft_sd = convert_unet_state_dict_to_peft(sd)
     result = set_peft_model_state_dict(unet, peft_sd, adapter_name=adapter_name)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    expected = {n for n, _ in unet.named_parameters() if f"lora_" in n and f".{adapter_name}." in n}
+    expected = {n for n, _ in unet.named_parameters() if "lora_" in n and f".{adapter_name}." in n}
     if unexpected:
         raise LoRAError(f"LoRA has {len(unexpected)} keys this UNet lacks, e.g. {unexpected[:3]}")
     loaded = len(peft_sd)
@@ -153,6 +246,10 @@ class LoRAFile:
     base: dict  # teacher_identity of the base model it was trained on
     segments: int | None = None  # from the stage manifest or an exported scheduler config, when next to the file
     sampler: str | None = None
+
+    @property
+    def family(self) -> str:
+        return lora_family(self.metadata)
 
 
 def _read(url: str) -> bytes | None:

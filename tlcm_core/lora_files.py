@@ -20,6 +20,13 @@
 
 Every file is a pure function of the LoRA, its metadata and the base model's UNet/scheduler configs
 (`export_files`), so the stage and the CLI write the same bytes.
+
+FLUX.1 and SD3 teachers (the LoRA adapts `pipe.transformer`; its family comes from the LoRA's metadata or the base's
+transformer config) get the same three formats with their own names: the diffusers file under `transformer.`, the
+kohya file under the original FLUX (Black Forest Labs) / SD3 (Stability MMDiT) layer names with q/k/v (and FLUX's
+single-block MLP input) fused as those layers are (tlcm_core/flow_lora_names.py) and the LoRA scale folded into
+`lora_up` (every `.alpha` = its module's rank), PEFT as for a UNet; `FlowMatchTLCMScheduler` ships as
+scheduler/scheduling_flow_tlcm.py; no ComfyUI workflow (docs/exports.md).
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ import torch
 
 from .config import LoRAConfig, TeacherConfig, toy_world
 from .errors import UserError
-from .lora import check_lora, lora_metadata
+from .families import FAMILIES
+from .flow_lora_names import IMPLEMENTATION, kohya_layers
+from .lora import LoRAError, check_lora, family_targets, lora_metadata, split_prefix
 from .schedule import milestones, sampler_timesteps
 
 DIFFUSERS_FILE = "diffusers/pytorch_lora_weights.safetensors"
@@ -44,6 +53,7 @@ PEFT_WEIGHTS = "peft/adapter_model.safetensors"
 PEFT_CONFIG = "peft/adapter_config.json"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 SCHEDULER_SOURCE = "scheduler/scheduling_tlcm.py"
+FLOW_SCHEDULER_SOURCE = "scheduler/scheduling_flow_tlcm.py"
 MODEL_CARD = "README.md"
 
 
@@ -56,19 +66,21 @@ class ExportError(UserError, ValueError):
 
 
 def lora_modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """UNet module path -> (lora_A = down, lora_B = up) from a TLCM/diffusers `unet.`-prefixed state dict."""
+    """Network module path -> (lora_A = down, lora_B = up) from a TLCM/diffusers state dict under `unet.` (SD/SDXL)
+    or `transformer.` (FLUX.1, SD3)."""
+    try:
+        _, bodies = split_prefix(state)
+    except LoRAError as e:
+        raise ExportError(str(e)) from None
     downs, ups = {}, {}
-    for k, v in state.items():
-        if not k.startswith("unet."):
-            raise ExportError(f"unexpected key {k!r}: a TLCM LoRA has only `unet.` keys")
-        body = k[len("unet."):]
+    for body, v in bodies.items():
         for suffix, into in ((".lora_A.weight", downs), (".lora.down.weight", downs), (".lora_B.weight", ups),
                              (".lora.up.weight", ups)):
             if body.endswith(suffix):
                 into[body[: -len(suffix)]] = v
                 break
         else:
-            raise ExportError(f"unexpected key {k!r} (not a lora_A/lora_B weight)")
+            raise ExportError(f"unexpected key {body!r} (not a lora_A/lora_B weight)")
     if set(downs) != set(ups):
         odd = sorted(set(downs) ^ set(ups))
         raise ExportError(f"LoRA modules without both halves: {odd[:3]}")
@@ -214,16 +226,24 @@ def usage_for(scheduler_config: dict, *, segments: int, sampler: str = "renoise"
 # The formats
 
 
-def to_diffusers(state: dict[str, torch.Tensor], lora: LoRAConfig, base: dict) -> tuple[dict, dict[str, str]]:
-    """diffusers keys with the scale alpha/rank folded into lora_B, so any diffusers version (which takes alpha = rank
-    when a file has no alphas) applies the trained scale; the TLCM metadata then says alpha = rank."""
+def _folded(b: torch.Tensor, scale: float) -> torch.Tensor:
+    """lora_B with the LoRA scale alpha/rank multiplied in (one rounding to B's dtype)."""
+    return b if scale == 1.0 else (b.double() * scale).to(b.dtype)
+
+
+def to_diffusers(state: dict[str, torch.Tensor], lora: LoRAConfig, base: dict,
+                 family: str = "unet") -> tuple[dict, dict[str, str]]:
+    """diffusers keys (under `unet.`, or `transformer.` for FLUX.1 / SD3) with the scale alpha/rank folded into
+    lora_B, so any diffusers version (which takes alpha = rank when a file has no alphas) applies the trained scale;
+    the TLCM metadata then says alpha = rank."""
     scale = lora.alpha / lora.rank
+    prefix = FAMILIES[family].network_part
     out = {}
     for m, (a, b) in lora_modules(state).items():
-        out[f"unet.{m}.lora_A.weight"] = a.contiguous()
-        out[f"unet.{m}.lora_B.weight"] = (b if scale == 1.0 else (b.double() * scale).to(b.dtype)).contiguous()
+        out[f"{prefix}.{m}.lora_A.weight"] = a.contiguous()
+        out[f"{prefix}.{m}.lora_B.weight"] = _folded(b, scale).contiguous()
     folded = lora.model_copy(update={"alpha": float(lora.rank)})
-    meta = lora_metadata(folded, base)
+    meta = lora_metadata(folded, base, family)
     meta["tlcm_folded_scale"] = repr(scale)
     return out, meta
 
@@ -298,22 +318,24 @@ def _tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
     return "0x" + hashlib.sha256(raw[8 + header:]).hexdigest()
 
 
-def peft_config_for(lora: LoRAConfig, base: dict):
+def peft_config_for(lora: LoRAConfig, base: dict, family: str = "unet"):
     from peft import LoraConfig
 
     return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=list(lora.target_modules), base_model_name_or_path=base.get("source"),
+                      target_modules=family_targets(lora, family), base_model_name_or_path=base.get("source"),
                       revision=base.get("revision"))
 
 
-def to_peft(state: dict[str, torch.Tensor], lora: LoRAConfig, base: dict) -> tuple[dict, bytes]:
-    """A PEFT adapter of the UNet as `PeftModel.save_pretrained` writes it (weights + adapter_config.json)."""
+def to_peft(state: dict[str, torch.Tensor], lora: LoRAConfig, base: dict,
+            family: str = "unet") -> tuple[dict, bytes]:
+    """A PEFT adapter of the UNet (or transformer) as `PeftModel.save_pretrained` writes it (weights +
+    adapter_config.json)."""
     tensors = {}
     for m, (a, b) in lora_modules(state).items():
         tensors[f"base_model.model.{m}.lora_A.weight"] = a.contiguous()
         tensors[f"base_model.model.{m}.lora_B.weight"] = b.contiguous()
     with tempfile.TemporaryDirectory() as d:
-        peft_config_for(lora, base).save_pretrained(d)  # peft's own serialisation of the config
+        peft_config_for(lora, base, family).save_pretrained(d)  # peft's own serialisation of the config
         config = (Path(d) / "adapter_config.json").read_bytes()
     return tensors, config
 
@@ -496,6 +518,209 @@ def model_card(lora: LoRAConfig, base: dict, unet_config: dict, formats: list[st
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# FLUX.1 and SD3: the transformer's LoRA in the same formats (the original layer names for kohya/ComfyUI)
+
+FLOW_PIPELINES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}
+FLOW_NAMES = {"flux": "FLUX.1", "sd3": "SD3"}
+
+
+def export_family(metadata: dict[str, str], net_config: dict, where: str = "LoRA") -> str:
+    """The family of the exported LoRA: its metadata's `family`, else the base network config's class (a LoRA
+    written before the families records none), else unet. A LoRA recorded for another family is refused."""
+    cls = net_config.get("_class_name")
+    by_config = next((f.name for f in FAMILIES.values() if cls in f.network_classes), None)
+    recorded = metadata.get("family")
+    if recorded is not None and by_config is not None and recorded != by_config:
+        raise ExportError(f"{where} is a LoRA of a {recorded} network, but the base model's network is a {cls} "
+                          f"({by_config})")
+    return recorded or by_config or "unet"
+
+
+def flow_kohya_metadata(lora: LoRAConfig, base: dict, family: str, net_config: dict, usage: Usage) -> dict[str, str]:
+    """kohya-ss and ModelSpec metadata of a FLUX.1 / SD3 kohya file (sd-scripts' networks.lora_flux / lora_sd3
+    values). The scale alpha/rank is folded into lora_up, so the nominal alpha is the rank."""
+    src, res = base.get("source", "?"), base.get("resolution") or 1024
+    if family == "flux":
+        arch = "flux-1-dev" if net_config.get("guidance_embeds") else "flux-1-schnell"
+        module, version = "networks.lora_flux", "flux1"
+    else:
+        arch, module, version = "stable-diffusion-3", "networks.lora_sd3", "sd3"
+    return {
+        "ss_network_module": module, "ss_network_dim": str(lora.rank), "ss_network_alpha": repr(float(lora.rank)),
+        "ss_network_args": "{}", "ss_base_model_version": version, "ss_sd_model_name": src,
+        "ss_output_name": Path(KOHYA_FILE).stem,
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{arch}/lora",
+        "modelspec.implementation": IMPLEMENTATION[family],
+        "modelspec.title": f"TLCM {usage.segments}-segment LoRA (rank {lora.rank}) for {src}",
+        "modelspec.description": _flow_description(src, family, usage),
+        "modelspec.usage_hint": _flow_hint(usage), "modelspec.resolution": f"{res}x{res}",
+        "modelspec.tags": f"tlcm, few-step, lcm, distillation, {family}",
+        "tlcm_lora_config": json.dumps(lora.model_dump(mode="json")),
+        "tlcm_base_model": json.dumps(base, sort_keys=True),
+        "tlcm_family": family, "tlcm_folded_scale": repr(lora.alpha / lora.rank),
+        "tlcm_sampling": json.dumps({"steps": usage.steps, "segments": usage.segments, "sampler": usage.sampler,
+                                     "timesteps": {str(n): usage.tlcm_timesteps(n) for n in usage.step_counts()}}),
+    }
+
+
+def _flow_hint(usage: Usage) -> str:
+    return (f"{usage.steps} steps (2-{usage.segments}), guidance_scale 1 (no CFG), FlowMatchTLCMScheduler "
+            "(the TLCM milestones), LoRA strength 1.0")
+
+
+def _flow_description(src: str, family: str, usage: Usage) -> str:
+    n = usage.steps if usage.steps <= usage.segments else usage.step_counts()[-1]
+    return (f"A few-step LoRA for {src} ({FLOW_NAMES[family]}), distilled data-free with TLCM (arXiv 2406.05768). "
+            f"Sample it with 2-{usage.segments} steps at guidance_scale 1 (no classifier-free guidance; it is "
+            "guidance-distilled). Each step predicts x0 and re-noises it to the next milestone's sigma "
+            f"({n} steps: indices {', '.join(map(str, usage.tlcm_timesteps(n)))} of 1000, at the base model's shifted "
+            "sigmas); diffusers: FlowMatchTLCMScheduler, shipped with the LoRA.")
+
+
+def to_kohya_flow(state: dict[str, torch.Tensor], lora: LoRAConfig, base: dict, family: str, net_config: dict,
+                  usage: Usage) -> tuple[dict, dict[str, str]]:
+    """kohya/ComfyUI file of a FLUX.1 / SD3 LoRA: `lora_unet_<original layer name>` (tlcm_core/flow_lora_names.py;
+    q/k/v and FLUX's single-block MLP input fused), the scale folded into lora_up and every `.alpha` its module's
+    rank, so ComfyUI (alpha / rank = 1) and diffusers' kohya converter (which ignores the final layer's alpha) apply
+    the same weights."""
+    scale = lora.alpha / lora.rank
+    modules = {m: (a, _folded(b, scale)) for m, (a, b) in lora_modules(state).items()}
+    try:
+        layers = kohya_layers(family, modules, net_config)
+    except ValueError as e:
+        raise ExportError(f"kohya export: {e}") from None
+    out = {}
+    for name, (down, up) in layers.items():
+        key = "lora_unet_" + name.replace(".", "_")
+        out[f"{key}.lora_down.weight"] = down.contiguous()
+        out[f"{key}.lora_up.weight"] = up.contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(down.shape[0]), dtype=torch.float32)
+    meta = flow_kohya_metadata(lora, base, family, net_config, usage)
+    meta["modelspec.hash_sha256"] = _tensor_hash(out)
+    return out, meta
+
+
+def flow_scheduler_files(base_scheduler_config: dict, segments: int, sampler: str) -> dict[str, bytes]:
+    from .flow_scheduler import FlowMatchTLCMScheduler
+
+    try:
+        sched = FlowMatchTLCMScheduler.from_base(base_scheduler_config, segments=segments, sampler=sampler)
+    except ValueError as e:
+        raise ExportError(f"export: {e}") from None
+    source = (Path(__file__).parent / "flow_scheduler.py").read_bytes()
+    return {SCHEDULER_CONFIG: sched.to_json_string().encode(), FLOW_SCHEDULER_SOURCE: source}
+
+
+def flow_export_files(state: dict[str, torch.Tensor], lora: LoRAConfig, base: dict, family: str, formats: list[str],
+                      net_config: dict, scheduler_config: dict, usage: Usage, *, kohya_naming: str = "auto",
+                      training: dict | None = None, metrics: list[dict] | None = None) -> dict[str, bytes]:
+    """export_files for a FLUX.1 / SD3 LoRA: diffusers, kohya (original names) and PEFT files, the flow scheduler
+    and the model card; no ComfyUI workflow (its samplers are not matched to TLCM's flow milestones yet)."""
+    if "kohya" in formats and kohya_naming != "auto":
+        raise ExportError(f"export.kohya_naming={kohya_naming} names SD/SDXL UNet modules; a {FLOW_NAMES[family]} "
+                          "kohya file uses the original layer names (set export.kohya_naming=auto)")
+    files: dict[str, bytes] = {}
+    if "diffusers" in formats:
+        files[DIFFUSERS_FILE] = _safetensors_bytes(*to_diffusers(state, lora, base, family))
+    if "kohya" in formats:
+        files[KOHYA_FILE] = _safetensors_bytes(*to_kohya_flow(state, lora, base, family, net_config, usage))
+    if "peft" in formats:
+        tensors, config = to_peft(state, lora, base, family)
+        files[PEFT_WEIGHTS] = _safetensors_bytes(tensors, {"format": "pt"})
+        files[PEFT_CONFIG] = config
+    files.update(flow_scheduler_files(scheduler_config, usage.segments, usage.sampler))
+    files[MODEL_CARD] = flow_model_card(lora, base, family, net_config, formats, usage, training, metrics).encode()
+    return files
+
+
+def flow_model_card(lora: LoRAConfig, base: dict, family: str, net_config: dict, formats: list[str], usage: Usage,
+                    training: dict | None = None, metrics: list[dict] | None = None, name: str = "TLCM LoRA") -> str:
+    from .evaluation import markdown_table
+
+    src = base.get("source", "?")
+    guidance = ("the student was distilled with FLUX.1-dev's guidance embedding at 1.0, so `guidance_scale=1`"
+                if family == "flux" and net_config.get("guidance_embeds") else
+                "`guidance_scale=1` (no classifier-free guidance batch)")
+    lines = [
+        "---", "library_name: diffusers", f"base_model: {src}", "tags:", "- text-to-image", "- lora", "- tlcm",
+        "- few-step", f"- {family}", "---", "", f"# {name}", "",
+        f"A few-step LoRA for `{src}` ({FLOW_NAMES[family]}, rectified flow) distilled with TLCM (Xie et al., "
+        "*TLCM: Training-efficient Latent Consistency Model for Image Generation with 2-8 Steps*, arXiv "
+        f"2406.05768), data-free. Sample it with 2-{usage.segments} steps and no CFG: {guidance}. The steps are the "
+        f"TLCM milestones ({usage.segments} segments, `{usage.sampler}` sampler) at the base model's shifted sigmas, "
+        "which `FlowMatchTLCMScheduler` visits.", "",
+        "## LoRA", "", f"- base model: `{json.dumps(base, sort_keys=True)}`",
+        f"- rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.alpha / lora.rank:g}), the transformer only",
+        f"- target modules: {', '.join(f'`{t}`' for t in family_targets(lora, family))}", "",
+        "## Files", "", "| file | for |", "|---|---|",
+    ]
+    if "diffusers" in formats:
+        lines.append(f"| `{DIFFUSERS_FILE}` | diffusers `load_lora_weights` (`transformer.*` keys, alpha/rank folded "
+                     "into lora_B) |")
+    if "kohya" in formats:
+        names = "Black Forest Labs' FLUX" if family == "flux" else "Stability's MMDiT"
+        lines.append(f"| `{KOHYA_FILE}` | ComfyUI, Forge, kohya-ss: `lora_unet_*` keys under {names} layer names, "
+                     "q/k/v fused as there |")
+    if "peft" in formats:
+        lines.append(f"| `{PEFT_WEIGHTS}`, `{PEFT_CONFIG}` | PEFT `PeftModel.from_pretrained(transformer, ...)` |")
+    lines += [f"| `{SCHEDULER_CONFIG}`, `{FLOW_SCHEDULER_SOURCE}` | `FlowMatchTLCMScheduler` (diffusers "
+              "`SchedulerMixin`; torch + diffusers only) |", ""]
+    lines += _flow_usage(lora, base, family, formats, usage)
+    if metrics:
+        lines += ["## Metrics", "", markdown_table(metrics), ""]
+    if training:
+        lines += ["## Training", "", "```json", json.dumps(training, indent=2, sort_keys=True, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def _flow_usage(lora: LoRAConfig, base: dict, family: str, formats: list[str], usage: Usage) -> list[str]:
+    """The model card's usage sections of a FLUX.1 / SD3 LoRA: diffusers, PEFT, kohya/ComfyUI, the CLI."""
+    src, res, msl = base.get("source", "?"), base.get("resolution"), base.get("max_sequence_length")
+    pipe_cls = FLOW_PIPELINES[family]
+    extra = (f", height={res}, width={res}" if res else "") + (f", max_sequence_length={msl}" if msl else "")
+    lines = ["## Usage (diffusers)", "", "```python", "import sys", "", "import torch",
+             f"from diffusers import {pipe_cls}", "",
+             'sys.path.insert(0, "EXPORT_DIR/scheduler")  # scheduling_flow_tlcm.py: torch + diffusers only',
+             "from scheduling_flow_tlcm import FlowMatchTLCMScheduler  # (or: from tlcm_core.flow_scheduler import "
+             "FlowMatchTLCMScheduler)", "",
+             f'pipe = {pipe_cls}.from_pretrained("{src}", torch_dtype=torch.bfloat16)',
+             'pipe.scheduler = FlowMatchTLCMScheduler.from_pretrained("EXPORT_DIR", subfolder="scheduler")']
+    if "diffusers" in formats:
+        lines.append('pipe.load_lora_weights("EXPORT_DIR/diffusers", adapter_name="tlcm")')
+    lines += ["g = torch.Generator().manual_seed(0)",
+              "pipe.scheduler.set_noise_generator(g)  # the pipeline passes no generator to the scheduler's steps",
+              f'image = pipe("a photo of a cat", num_inference_steps={usage.steps}, guidance_scale=1.0{extra},',
+              "             generator=g).images[0]", "```", ""]
+    if "peft" in formats:
+        lines += ["## Usage (PEFT)", "", "```python", "from peft import PeftModel", "",
+                  'pipe.transformer = PeftModel.from_pretrained(pipe.transformer,',
+                  '                                             "EXPORT_DIR/peft").merge_and_unload()',
+                  "```", ""]
+    if "kohya" in formats:
+        lines += _flow_kohya_section(family)
+    lines += ["## Command line (this project)", "", "```", f"tlcm generate --lora EXPORT_DIR --steps {usage.steps} "
+              '--seed 0 --prompt "a photo of a cat" --out image.png', "```", ""]
+    return lines
+
+
+def _flow_kohya_section(family: str) -> list[str]:
+    if family == "flux":
+        names = ("Black Forest Labs' FLUX code names them (`double_blocks.0.img_attn.qkv`, `single_blocks.0.linear1`, "
+                 "`final_layer.linear`, ...), the names ComfyUI's FLUX model and kohya-ss' `networks.lora_flux` use")
+    else:
+        names = ("Stability's MMDiT names them (`joint_blocks.0.x_block.attn.qkv`, `final_layer.linear`, ...), the "
+                 "names ComfyUI's SD3 model and kohya-ss' `networks.lora_sd3` use")
+    return ["## ComfyUI, Forge, kohya-ss", "",
+            f"`{KOHYA_FILE}` holds the transformer's LoRA under the layer names {names}; LoRAs of q, k and v (and, in "
+            "FLUX's single blocks, of the MLP input) are combined into one LoRA of the fused layer. In ComfyUI put it "
+            "in `models/loras/` and load it with `LoraLoaderModelOnly` (strength 1.0) on the base model. No ComfyUI "
+            "workflow ships with it: ComfyUI's samplers and schedulers have not been matched to TLCM's milestone "
+            "sigmas for flow models, so sample with diffusers and the shipped scheduler for TLCM's own sampling. "
+            "diffusers loads the diffusers file; its kohya converter reads this file too but (diffusers 0.42) drops "
+            "the embedder and final-layer modules and needs the full-size model's widths.", ""]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Everything at once
 
 
@@ -503,13 +728,18 @@ def export_files(state: dict[str, torch.Tensor], metadata: dict[str, str], forma
                  scheduler_config: dict, *, segments: int, sampler: str = "renoise", steps: int = 4,
                  kohya_naming: str = "auto", training: dict | None = None, metrics: list[dict] | None = None,
                  where: str = "LoRA") -> dict[str, bytes]:
-    """Relative path -> bytes for every exported file of a TLCM LoRA (state + tlcm-lora/1 metadata)."""
+    """Relative path -> bytes for every exported file of a TLCM LoRA (state + tlcm-lora/1 metadata). `unet_config`
+    is the base's denoising network's config: its UNet's, or its transformer's for FLUX.1 / SD3 (base_configs)."""
     lora = check_lora(state, metadata, where=where)
     base = json.loads(metadata.get("base_model", "{}"))
     unknown = [f for f in formats if f not in ("diffusers", "kohya", "peft")]
     if unknown:
         raise ExportError(f"unknown export format(s) {unknown}; use diffusers, kohya, peft")
     usage = usage_for(scheduler_config, segments=segments, sampler=sampler, steps=steps)
+    family = export_family(metadata, unet_config, where)
+    if family != "unet":
+        return flow_export_files(state, lora, base, family, formats, unet_config, scheduler_config, usage,
+                                 kohya_naming=kohya_naming, training=training, metrics=metrics)
     files: dict[str, bytes] = {}
     if "diffusers" in formats:
         files[DIFFUSERS_FILE] = _safetensors_bytes(*to_diffusers(state, lora, base))
@@ -529,18 +759,17 @@ def export_files(state: dict[str, torch.Tensor], metadata: dict[str, str], forma
 
 
 def base_configs(teacher: TeacherConfig) -> tuple[dict, dict]:
-    """The base model's UNet and scheduler configs (config files only; no weights are loaded). The formats are the
-    SD/SDXL UNet's (key names, ComfyUI workflow, TLCMScheduler): a FLUX.1 / SD3 teacher is refused in one line."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    """The base model's denoising network's and scheduler's configs (config files only; no weights are loaded): the
+    UNet's for SD/SDXL, the transformer's for FLUX.1 / SD3 (its `_class_name` tells export_files the family)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 
-    from .models import TeacherError, resolve_teacher_source, teacher_family
+    from .models import network_config, resolve_teacher_source, teacher_family
 
     family = teacher_family(teacher)
-    if family.name != "unet":
-        raise TeacherError(f"export: teacher.source={teacher.source!r} is a {family.name} teacher, and the export "
-                           "formats are SD/SDXL UNet ones so far; drop export from stages (the trained LoRA is the "
-                           "training stage's lora.safetensors)")
     src = resolve_teacher_source(teacher)
+    if family.name != "unet":
+        sched = FlowMatchEulerDiscreteScheduler.load_config(src, subfolder="scheduler", revision=teacher.revision)
+        return network_config(teacher, family), dict(sched)
     unet = UNet2DConditionModel.load_config(src, subfolder="unet", revision=teacher.revision)
     sched = DDIMScheduler.load_config(src, subfolder="scheduler", revision=teacher.revision)
     return dict(unet), dict(sched)
@@ -561,5 +790,6 @@ def write_files(files: dict[str, bytes], out: str) -> list[str]:
 
 
 __all__ = ["BaseFamily", "ExportError", "Usage", "base_family", "comfy_simple_timesteps", "comfy_workflow",
-           "export_files", "kohya_metadata", "lora_modules", "model_card", "sgm_module_path", "to_diffusers",
-           "to_kohya", "to_peft", "usage_for", "write_files"]
+           "export_family", "export_files", "flow_export_files", "flow_model_card", "kohya_metadata", "lora_modules",
+           "model_card", "sgm_module_path", "to_diffusers", "to_kohya", "to_kohya_flow", "to_peft", "usage_for",
+           "write_files"]

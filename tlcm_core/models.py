@@ -25,7 +25,7 @@ from .families import FAMILIES, ModelFamily, TeacherError, family_of, resolve_fa
 from .families import vae_scale_factor as _vae_factor
 from .families import vae_scale_shift
 from .families.unet import is_sdxl, sdxl_time_ids
-from .flow_schedule import FlowSchedule
+from .flow_schedule import FlowSchedule, SigmaGrid
 from .schedule import NoiseSchedule
 
 
@@ -195,7 +195,28 @@ def teacher_family(teacher: TeacherConfig) -> ModelFamily:
     return resolve_family("auto", (index or {}).get("_class_name"), f"teacher.source={teacher.source!r}")
 
 
-def _network_config(teacher: TeacherConfig, family: ModelFamily) -> dict:
+def local_family(teacher: TeacherConfig) -> ModelFamily | None:
+    """The teacher's family when it is known without fetching anything: `teacher.family` named, a toy teacher, or a
+    local folder's model_index.json; None for a hub id or a remote URL (and for a folder that is not a supported
+    pipeline: loading it says why)."""
+    if teacher.family != "auto":
+        return FAMILIES[teacher.family]
+    if teacher.toy_world is not None:
+        return FAMILIES["unet"]
+    if _is_remote(teacher.source):
+        return None
+    src = teacher.source[len("file://"):] if teacher.source.startswith("file://") else teacher.source
+    index = _model_index(src)
+    if index is None:
+        return None
+    try:
+        return resolve_family("auto", index.get("_class_name"), f"teacher.source={teacher.source!r}")
+    except TeacherError:
+        return None
+
+
+def network_config(teacher: TeacherConfig, family: ModelFamily) -> dict:
+    """The config of the teacher's denoising network (its config.json only; no weights)."""
     src = resolve_teacher_source(teacher)
     return dict(family.network_loader().load_config(src, subfolder=family.network_part, revision=teacher.revision))
 
@@ -208,7 +229,7 @@ def load_schedule(teacher: TeacherConfig) -> NoiseSchedule | FlowSchedule:
     src = resolve_teacher_source(teacher)
     config = DDIMScheduler.load_config(src, subfolder="scheduler", revision=teacher.revision)  # only reads the JSON
     seq = None if family.name == "unet" else family.image_seq_len(
-        teacher.resolution, vae_scale_factor_of(teacher), _network_config(teacher, family))
+        teacher.resolution, vae_scale_factor_of(teacher), network_config(teacher, family))
     return family.schedule(config, seq)
 
 
@@ -343,6 +364,17 @@ def schedule_of(pipe, resolution: int | None = None):
     if resolution is not None and family.name != "unet":
         seq = family.image_seq_len(resolution, pipe.vae_scale_factor, family.network(pipe).config)
     return family.schedule(dict(pipe.scheduler.config), seq)
+
+
+def teacher_grid(pipe, resolution: int, steps: int) -> SigmaGrid | None:
+    """A flow teacher's own Euler grid at `steps` steps for `resolution` (what its stock pipeline's scheduler
+    visits, shifted for that image size); None for a DDPM-time teacher (DDIM on trailing integer timesteps)."""
+    family = family_of(pipe)
+    seq = None
+    if family.name != "unet":
+        seq = family.image_seq_len(resolution, pipe.vae_scale_factor, family.network(pipe).config)
+    grid = family.euler_grid(dict(pipe.scheduler.config), steps, seq)
+    return None if grid is None else SigmaGrid(*grid)
 
 
 def load_vae(teacher, device: torch.device):

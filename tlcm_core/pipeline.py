@@ -235,6 +235,10 @@ def preflight(cfg: PipelineConfig, stages: list[str]) -> None:
             if not os.path.isfile(fc.reward_model):
                 raise RewardError(f"finetune.reward_model={fc.reward_model!r}: no such file")
     _preflight_latent_lpips(cfg, stages)
+    if {"mlcd", "lcd-trajectories", "lcd", "finetune", "evaluate"} & set(stages):
+        from .lora import check_lora_targets
+
+        check_lora_targets(cfg.teacher, cfg.lora)  # an explicit target list that matches nothing: one LoRAError
     from .evaluation import uses_captions
 
     captions = cfg.evaluate.metrics.captions

@@ -16,7 +16,14 @@ LOG_BOOKKEEPING = ("step", "lr", "elapsed_s", "phase")
 STEP_METRICS = {"prompt_accuracy": ("prompt accuracy", "higher"), "frechet": ("Frechet distance", "lower"),
                 "fid": ("FID", "lower"), "clip_score": ("CLIP score", "higher"),
                 "aesthetic_score": ("aesthetic score", "higher"), "image_reward": ("ImageReward", "higher")}
+# the teacher's baseline rows (tlcm_core/evaluation.py): DDIM + CFG on trailing timesteps for a DDPM-time teacher,
+# Euler on its own shifted sigma grid for a flow teacher (FLUX.1, SD3), as its stock pipeline samples
 TEACHER_METHOD = "teacher-ddim-cfg"
+TEACHER_METHODS = {TEACHER_METHOD: "teacher DDIM+CFG", "teacher-euler": "teacher Euler"}  # method -> label
+
+
+def is_teacher(method: str | None) -> bool:
+    return method in TEACHER_METHODS
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -81,8 +88,8 @@ def metrics_vs_steps_png(rows: list[dict], title: str = "") -> bytes:
     of prompt accuracy as a band), each teacher row as a dashed horizontal reference labelled with its steps."""
     metrics = step_metrics(rows) or ["seconds_per_image"]
     fig, axes = _figure(len(metrics), width_per_panel=4.6, height=3.4)
-    student = sorted((r for r in rows if r.get("method") != TEACHER_METHOD), key=lambda r: r["steps"])
-    teacher = sorted((r for r in rows if r.get("method") == TEACHER_METHOD), key=lambda r: r["steps"])
+    student = sorted((r for r in rows if not is_teacher(r.get("method"))), key=lambda r: r["steps"])
+    teacher = sorted((r for r in rows if is_teacher(r.get("method"))), key=lambda r: r["steps"])
     for ax, m in zip(axes, metrics):
         label, better = STEP_METRICS.get(m, ("seconds per image", "lower"))
         pts = [(r["steps"], r[m]) for r in student if isinstance(r.get(m), (int, float))]
@@ -96,7 +103,7 @@ def metrics_vs_steps_png(rows: list[dict], title: str = "") -> bytes:
             ax.set_xticks(list(xs), [str(x) for x in xs])
         for i, r in enumerate(r for r in teacher if isinstance(r.get(m), (int, float))):
             ax.axhline(r[m], color=f"C{i + 1}", linestyle="--", linewidth=1.2,
-                       label=f"teacher DDIM+CFG @{r['steps']}")
+                       label=f"{TEACHER_METHODS[r['method']]} @{r['steps']}")
         ax.set_title(f"{label} ({better} is better)", fontsize=10)
         ax.set_xlabel("sampling steps")
         ax.grid(alpha=0.3)

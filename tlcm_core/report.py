@@ -26,7 +26,7 @@ from .consistency import LOSS_PLOT
 from .errors import UserError
 from .evaluation import markdown_table
 from .pipeline import Plan, open_store, plan
-from .plots import TEACHER_METHOD, loss_curves_png, metrics_vs_steps_png
+from .plots import is_teacher, loss_curves_png, metrics_vs_steps_png
 from .stages.evaluate import METRICS_PLOT, SIDE_BY_SIDE
 from .store import Artifact, ArtifactStore, IncompleteArtifactError, Manifest
 
@@ -140,8 +140,8 @@ def _loss_plot(rec: StageRecord) -> bytes | None:
 
 def headline_rows(rows: list[dict]) -> list[dict]:
     """The teacher's rows first (most steps first: the quality reference), then the student's by steps."""
-    return sorted(rows, key=lambda r: (r.get("method") != TEACHER_METHOD,
-                                       -r["steps"] if r.get("method") == TEACHER_METHOD else r["steps"]))
+    return sorted(rows, key=lambda r: (not is_teacher(r.get("method")),
+                                       -r["steps"] if is_teacher(r.get("method")) else r["steps"]))
 
 
 def _seconds(s: float | None) -> str:

@@ -4,7 +4,9 @@ arguments (k-diffusion style), so a cached target can be reproduced from a seed:
   mds_states            the teacher's multistep denoising strategy from pure noise (TLCM Algorithm 1)
   teacher_solver        the teacher's p-step CFG-DDIM solver between milestones (Algorithm 2)
   student_clean_latents the student's q-step sampler for clean latents (Algorithm 2)
-  ddim_sample           deterministic DDIM (the teacher's reference sampler)
+  ddim_sample           deterministic DDIM (a DDPM-time teacher's reference sampler)
+  euler_sample          the Euler steps of FlowMatchEulerDiscreteScheduler (a flow teacher's reference sampler)
+  teacher_sample        the teacher's own baseline: DDIM + CFG on trailing timesteps, or Euler on its stock grid
   tlcm_sample           few-step sampling on milestone timesteps (the official inference sampler)
 """
 
@@ -14,8 +16,9 @@ from typing import Callable, Literal
 
 import torch
 
+from .flow_schedule import SigmaGrid
 from .models import Conditioning, Denoiser
-from .schedule import NoiseSchedule, ddim, segment_index
+from .schedule import NoiseSchedule, ddim, ddim_timesteps, segment_index
 
 X0Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> x0
 
@@ -44,6 +47,38 @@ def ddim_sample(x0_fn: X0Fn, x_T: torch.Tensor, timesteps: list[int], schedule: 
         if callback is not None:
             callback(i, x0)
     return x0
+
+
+@torch.no_grad()
+def euler_sample(velocity_fn: Callable[[torch.Tensor, int], torch.Tensor], x_T: torch.Tensor,
+                 sigmas: torch.Tensor) -> torch.Tensor:
+    """Euler through a flow grid (`sigmas`, noisiest first, ending with 0): x <- x + (sigma_next - sigma) v with
+    v = velocity_fn(x, i) at the grid's i-th level; the float operations of FlowMatchEulerDiscreteScheduler.step
+    (the latents upcast to float32 for the step, the result in the velocity's dtype). Returns the latents at 0."""
+    x = x_T
+    for i in range(len(sigmas) - 1):
+        v = velocity_fn(x, i)
+        x = (x.to(torch.float32) + (sigmas[i + 1] - sigmas[i]) * v).to(v.dtype)
+    return x
+
+
+@torch.no_grad()
+def teacher_sample(teacher: Denoiser, x_T: torch.Tensor, steps: int, cond: Conditioning, uncond: Conditioning,
+                   w: float, grid: SigmaGrid | None = None) -> torch.Tensor:
+    """The teacher's own baseline sampler at `steps` steps with guidance `w`: for a DDPM-time teacher (grid None),
+    DDIM with CFG on trailing integer timesteps; for a flow teacher, Euler on `grid` (its stock pipeline's shifted
+    sigmas, `ModelFamily.euler_grid`) with the guidance its pipeline applies (FLUX.1-dev: the embedding; SD3: CFG
+    when w > 1), as the stock pipeline samples it. Returns clean latents."""
+    if grid is None:
+        return ddim_sample(teacher_x0_fn(teacher, cond, uncond, w), x_T, ddim_timesteps(steps, teacher.schedule.T),
+                           teacher.schedule)
+    family, net = teacher.family, teacher.unet
+
+    def velocity(x: torch.Tensor, i: int) -> torch.Tensor:
+        t = torch.full((x.shape[0],), i, dtype=torch.long)
+        return family.sampler_output(net, x, t, cond, uncond, w, grid)
+
+    return euler_sample(velocity, x_T, grid.sigmas.to(x_T.device))
 
 
 @torch.no_grad()

@@ -77,11 +77,18 @@ class StageContext:
 
 def _derived(cfg: PipelineConfig, path: str) -> Any:
     """Values hashed in place of a raw config field (the paths in DERIVED): what identifies the teacher's weights,
-    and the prompt list's content rather than its location."""
+    the prompt list's content rather than its location, and the LoRA's target modules as attach_lora resolves them
+    (`auto` is the family's list where the family is known without fetching anything, so a UNet teacher's
+    fingerprints are those of the explicit list that was the default before `auto`; else `auto` itself)."""
     if path == "teacher":
         from .models import teacher_identity
 
         return teacher_identity(cfg.teacher)
+    if path == "lora.target_modules":
+        from .models import local_family
+
+        family = local_family(cfg.teacher) if cfg.lora.target_modules == "auto" else None
+        return list(family.lora_target_modules) if family is not None else _dump(cfg, path)
     from .prompts import load_prompts, prompts_digest
 
     return prompts_digest(load_prompts(cfg.trajectories.prompts))
@@ -94,7 +101,7 @@ def _dump(cfg: PipelineConfig, path: str) -> Any:
     return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
 
 
-DERIVED = ("teacher", "trajectories.prompts")
+DERIVED = ("teacher", "trajectories.prompts", "lora.target_modules")
 
 
 def config_slice(stage: Stage, cfg: PipelineConfig, derived: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -78,6 +78,38 @@ class ModelFamily:
         out = out.to(x_t.dtype)
         return cfg(out[:n], out[n:], w)
 
+    def sampler_output(self, net, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning,
+                       w: float, schedule) -> torch.Tensor:
+        """The raw output the family's stock pipeline steps with at guidance scale `w`: guided only when w > 1 (the
+        pipelines' `do_classifier_free_guidance`), else the conditional output of one forward pass."""
+        if w > 1:
+            return self.guided_output(net, x_t, t, cond, uncond, w, schedule)
+        return self.forward(net, x_t, t, cond, schedule).to(x_t.dtype)
+
+    def euler_grid(self, scheduler_config: dict, steps: int, image_seq_len: int | None):
+        """A flow teacher's own sampling grid at `steps` steps: `(timesteps, sigmas)` of the stock pipeline's
+        FlowMatchEulerDiscreteScheduler after its `set_timesteps` (float32; sigmas end with the terminal 0). None for
+        a DDPM-time family, whose baseline is DDIM on trailing integer timesteps (samplers.teacher_sample)."""
+        return None
+
+    def enable_gradient_checkpointing(self, net) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (compute.gradient_
+        checkpointing): diffusers' own switch, which every supported network has, with a checkpoint function that
+        recomputes a block with its LoRA adapters as they were in the forward pass (`adapter_faithful_checkpoint`)."""
+        net.enable_gradient_checkpointing(gradient_checkpointing_func=adapter_faithful_checkpoint)
+
+    # -- the discriminator of stage 3 --------------------------------------------------------------------------------
+
+    def discriminator_features(self, net, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                               schedule) -> torch.Tensor:
+        """Features of the network for the GAN's discriminator (TLCM eq. 13), a map (B, C, h', w') over the latent
+        grid: the first part of the network's own forward pass, called as `forward` calls it."""
+        raise NotImplementedError
+
+    def discriminator_channels(self, net_config) -> int:
+        """C of `discriminator_features`."""
+        raise NotImplementedError
+
     # -- text --------------------------------------------------------------------------------------------------------
 
     def encode_prompts(self, pipe, prompts: list[str], resolution: int, batch_size: int = 64,
@@ -119,3 +151,42 @@ def vae_scale_factor(vae_config) -> int:
     """Pixels per latent side: 2 ** (number of VAE blocks - 1), as every diffusers pipeline computes it."""
     get = vae_config.get if isinstance(vae_config, dict) else lambda k, d=None: getattr(vae_config, k, d)
     return 2 ** (len(get("block_out_channels")) - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gradient checkpointing with LoRA adapters that are switched between the forward and the backward pass
+
+
+def _adapter_state(layers: list) -> list[tuple]:
+    return [(m._disable_adapters, m._active_adapter) for m in layers]
+
+
+def _set_adapter_state(layers: list, state: list[tuple]) -> None:
+    for m, (disabled, active) in zip(layers, state):
+        m._disable_adapters, m._active_adapter = disabled, active
+
+
+def adapter_faithful_checkpoint(module, *args):
+    """torch's non-reentrant checkpoint of `module(*args)` (what diffusers uses by default), except that the
+    recomputation in the backward pass sees the LoRA adapters of `module` as the forward pass saw them.
+
+    Stage 3 keeps teacher, student and fake score model in one network and switches adapters around calls (the
+    discriminator and the teacher are the network with every adapter off), while the backward pass of the student's
+    loss runs after the switch is undone: a plain checkpoint would recompute the discriminator's blocks with the
+    student's adapter on, and the student would get the gradient of another network. Only the adapters' switches
+    (PEFT's per-layer `_disable_adapters` and `_active_adapter`) are restored for the recomputation; which
+    parameters are trainable is untouched."""
+    import torch.utils.checkpoint
+
+    layers = [m for m in module.modules() if hasattr(m, "_disable_adapters") and hasattr(m, "_active_adapter")]
+    forward_state = _adapter_state(layers)
+
+    def run(*inputs):
+        now = _adapter_state(layers)
+        _set_adapter_state(layers, forward_state)
+        try:
+            return module(*inputs)
+        finally:
+            _set_adapter_state(layers, now)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)

@@ -84,18 +84,22 @@ class FluxFamily(ModelFamily):
     def schedule(self, scheduler_config, image_seq_len=None) -> FlowSchedule:
         return FlowSchedule.from_config(scheduler_config, image_seq_len=image_seq_len)
 
-    def forward(self, net, x_t, t, cond: Conditioning, schedule: FlowSchedule) -> torch.Tensor:
+    def call_kwargs(self, net, x_t, t, cond: Conditioning, schedule) -> dict:
+        """The transformer's keyword arguments for latents x_t (B, C, h, w) at timesteps t, as FluxPipeline builds
+        them (`schedule`: a FlowSchedule, or a SigmaGrid whose `model_timestep` gives a stock grid's timesteps)."""
         b, _, h, w = x_t.shape
         timestep = schedule.model_timestep(t).float().to(x_t.device).to(x_t.dtype)  # scheduler.timesteps, as cast
         guidance = None
         if net.config.guidance_embeds:
             guidance = cond.guidance if cond.guidance is not None else torch.full((b,), UNGUIDED)
             guidance = guidance.to(x_t.device, torch.float32)
-        out = net(hidden_states=pack_latents(x_t), timestep=timestep / 1000, guidance=guidance,
-                  pooled_projections=cond.pooled, encoder_hidden_states=cond.prompt_embeds,
-                  txt_ids=cond.text_ids[0], img_ids=image_ids(h // 2, w // 2, x_t.device, cond.prompt_embeds.dtype),
-                  return_dict=False)[0]
-        return unpack_latents(out, h, w)
+        return dict(hidden_states=pack_latents(x_t), timestep=timestep / 1000, guidance=guidance,
+                    pooled_projections=cond.pooled, encoder_hidden_states=cond.prompt_embeds,
+                    txt_ids=cond.text_ids[0], img_ids=image_ids(h // 2, w // 2, x_t.device, cond.prompt_embeds.dtype))
+
+    def forward(self, net, x_t, t, cond: Conditioning, schedule: FlowSchedule) -> torch.Tensor:
+        out = net(**self.call_kwargs(net, x_t, t, cond, schedule), return_dict=False)[0]
+        return unpack_latents(out, *x_t.shape[2:])
 
     def guided_output(self, net, x_t, t, cond, uncond, w, schedule) -> torch.Tensor:
         """FLUX.1-dev: the guidance embedding set to w, one forward pass; without the embedding, true CFG."""
@@ -103,6 +107,52 @@ class FluxFamily(ModelFamily):
             return super().guided_output(net, x_t, t, cond, uncond, w, schedule)
         g = torch.full((x_t.shape[0],), float(w), dtype=torch.float32)
         return self.forward(net, x_t, t, cond.replace(guidance=g), schedule).to(x_t.dtype)
+
+    def sampler_output(self, net, x_t, t, cond, uncond, w, schedule) -> torch.Tensor:
+        """FluxPipeline embeds its guidance_scale whatever it is (FLUX.1-dev); without the embedding it runs the
+        conditional pass alone (true CFG needs a negative prompt and true_cfg_scale, which it does not set)."""
+        if net.config.guidance_embeds:
+            return self.guided_output(net, x_t, t, cond, uncond, w, schedule)
+        return self.forward(net, x_t, t, cond, schedule).to(x_t.dtype)
+
+    def euler_grid(self, scheduler_config, steps, image_seq_len):
+        """FluxPipeline's grid: sigmas linspace(1, 1/N, N), shifted by the mu of the image token count."""
+        import numpy as np
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        c = scheduler.config
+        mu = calculate_shift(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        return scheduler.timesteps, scheduler.sigmas
+
+    def discriminator_features(self, net, x_t, t, cond, schedule) -> torch.Tensor:
+        """The image stream after the double-stream blocks: FluxTransformer2DModel.forward up to its single-stream
+        blocks, as a map (B, inner dim, h/2, w/2) over the packed 2x2 patches. Why there: the text has been read
+        (joint attention in every double block), the image tokens are still a stream of their own, one per latent
+        patch, and the 19 double blocks hold about half the weights (a third of the compute) of FLUX.1, as the
+        encoder half of a UNet does."""
+        b, _, h, w = x_t.shape
+        kw = self.call_kwargs(net, x_t, t, cond, schedule)
+        hidden = net.x_embedder(kw["hidden_states"])
+        timestep = kw["timestep"].to(hidden.dtype) * 1000
+        guidance = kw["guidance"]
+        temb = net.time_text_embed(timestep, kw["pooled_projections"]) if guidance is None else \
+            net.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, kw["pooled_projections"])
+        text = net.context_embedder(kw["encoder_hidden_states"])
+        rotary = net.pos_embed(torch.cat((kw["txt_ids"], kw["img_ids"]), dim=0))
+        for block in net.transformer_blocks:
+            if torch.is_grad_enabled() and net.gradient_checkpointing:
+                text, hidden = net._gradient_checkpointing_func(block, hidden, text, temb, rotary, None)
+            else:
+                text, hidden = block(hidden_states=hidden, encoder_hidden_states=text, temb=temb,
+                                     image_rotary_emb=rotary)
+        return hidden.transpose(1, 2).reshape(b, hidden.shape[-1], h // 2, w // 2)
+
+    def discriminator_channels(self, net_config) -> int:
+        return net_config["num_attention_heads"] * net_config["attention_head_dim"]
 
     @torch.no_grad()
     def encode_prompts(self, pipe, prompts, resolution, batch_size=64, max_sequence_length=None):

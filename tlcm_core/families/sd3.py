@@ -62,6 +62,42 @@ class SD3Family(ModelFamily):
         return net(hidden_states=x_t, timestep=timestep, encoder_hidden_states=cond.prompt_embeds,
                    pooled_projections=cond.pooled, return_dict=False)[0]
 
+    def euler_grid(self, scheduler_config, steps, image_seq_len):
+        """StableDiffusion3Pipeline's grid: the scheduler's own `set_timesteps(N)` (evenly spaced between its
+        largest and smallest training sigma, then shifted); `mu` only under dynamic shifting, as the pipeline."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        c, kw = scheduler.config, {}
+        if c.get("use_dynamic_shifting", None):
+            kw["mu"] = calculate_shift(image_seq_len, c.get("base_image_seq_len", 256),
+                                       c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
+                                       c.get("max_shift", 1.16))
+        scheduler.set_timesteps(steps, **kw)
+        return scheduler.timesteps, scheduler.sigmas
+
+    def discriminator_features(self, net, x_t, t, cond, schedule) -> torch.Tensor:
+        """The image tokens after the first half of the joint blocks (SD3Transformer2DModel.forward up to block
+        num_layers // 2, at least one), as a map (B, inner dim, h/p, w/p) over the patches. Every joint block has
+        the same shape, so the first half is the counterpart of a UNet's encoder half; the text has been read (joint
+        attention)."""
+        b, _, h, w = x_t.shape
+        p = net.config.patch_size
+        timestep = schedule.model_timestep(t).float().to(x_t.device)
+        hidden = net.pos_embed(x_t).contiguous()
+        temb = net.time_text_embed(timestep, cond.pooled)
+        text = net.context_embedder(cond.prompt_embeds)
+        for block in net.transformer_blocks[:max(1, len(net.transformer_blocks) // 2)]:
+            if torch.is_grad_enabled() and net.gradient_checkpointing:
+                text, hidden = net._gradient_checkpointing_func(block, hidden, text, temb, None)
+            else:
+                text, hidden = block(hidden_states=hidden, encoder_hidden_states=text, temb=temb)
+        return hidden.transpose(1, 2).reshape(b, hidden.shape[-1], h // p, w // p)
+
+    def discriminator_channels(self, net_config) -> int:
+        return net_config["num_attention_heads"] * net_config["attention_head_dim"]
+
     @torch.no_grad()
     def encode_prompts(self, pipe, prompts, resolution, batch_size=64, max_sequence_length=None):
         """StableDiffusion3Pipeline.encode_prompt with CFG: the joint sequence and the pooled projections of each

@@ -23,6 +23,27 @@ def is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
 
 
+def unet_encoder(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """The first half of UNet2DConditionModel.forward: embeddings, conv_in, down blocks, mid block."""
+    if getattr(unet, "encoder_hid_proj", None) is not None:
+        raise ValueError("UNets with an encoder_hid_proj are not supported as discriminator encoders")
+    emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t))
+    kw = cond.unet_kwargs()
+    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=cond.prompt_embeds,
+                             added_cond_kwargs=kw.get("added_cond_kwargs", {}))
+    if aug is not None:
+        emb = emb + aug
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    h = unet.conv_in(x)
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=cond.prompt_embeds)
+        else:
+            h, _ = block(hidden_states=h, temb=emb)
+    return unet.mid_block(h, emb, encoder_hidden_states=cond.prompt_embeds)
+
+
 class UNetFamily(ModelFamily):
     name = "unet"
     pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionPipeline")
@@ -42,6 +63,13 @@ class UNetFamily(ModelFamily):
 
     def forward(self, net, x_t, t, cond: Conditioning, schedule) -> torch.Tensor:
         return net(x_t, t, **cond.unet_kwargs(), return_dict=False)[0]
+
+    def discriminator_features(self, net, x_t, t, cond, schedule) -> torch.Tensor:
+        """The UNet's encoder half: embeddings, conv_in, down blocks, mid block (unet_encoder)."""
+        return unet_encoder(net, x_t, t, cond)
+
+    def discriminator_channels(self, net_config) -> int:
+        return net_config["block_out_channels"][-1]
 
     @torch.no_grad()
     def encode_prompts(self, pipe, prompts, resolution, batch_size=64, max_sequence_length=None):

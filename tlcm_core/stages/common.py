@@ -25,9 +25,11 @@ def trainer_reads(section: str) -> Callable[[PipelineConfig], tuple[str, ...]]:
 
 
 def trainer_uses(section: str) -> tuple[str, ...]:
-    """A trainer section's bookkeeping fields (read, never hashed: they do not change the weights), and the latent
-    LPIPS settings the distance reads (hashed through `trainer_reads` or the input artifact)."""
-    return (*(f"{section}.{f}" for f in ("log_every", "checkpoint_every", "prefetch")), "latent_lpips")
+    """A trainer section's bookkeeping fields and gradient checkpointing (read, never hashed: they do not change the
+    weights), and the latent LPIPS settings the distance reads (hashed through `trainer_reads` or the input
+    artifact)."""
+    return (*(f"{section}.{f}" for f in ("log_every", "checkpoint_every", "prefetch")), "latent_lpips",
+            "compute.gradient_checkpointing")
 
 
 def with_latent_lpips(section: str, inputs: dict[str, str]) -> Callable[[PipelineConfig], dict[str, str]]:

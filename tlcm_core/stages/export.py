@@ -1,6 +1,8 @@
 """Stage `export`: the final LoRA as the files other programs load -- diffusers, kohya/ComfyUI and PEFT LoRAs (all
 three by default), a ComfyUI workflow beside the kohya file, the TLCMScheduler config and a model card (the formats
-themselves: tlcm_core/lora_files.py). Version 3: kohya/modelspec metadata and the ComfyUI workflow."""
+themselves: tlcm_core/lora_files.py); for a FLUX.1 / SD3 teacher the same formats under the transformer's names,
+FlowMatchTLCMScheduler and no workflow. Version 3: kohya/modelspec metadata and the ComfyUI workflow (a UNet's files
+are unchanged since; flow teachers were refused before)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ def run(ctx: StageContext) -> dict:
     lora_art, metrics_art = ctx.inputs["lora"], ctx.inputs.get("metrics")
     found = read_lora(lora_art, cfg.lora, teacher_identity(cfg.teacher))
     state, metadata = found.state, found.metadata
-    unet_config, sched_config = base_configs(cfg.teacher)
+    unet_config, sched_config = base_configs(cfg.teacher)  # a flow teacher's: its transformer's config
     manifest = lora_art.manifest(verify="none")
     training = {"stage": manifest.stage, "artifact": lora_art.uri, "config": manifest.config,
                 "inputs": manifest.inputs, "summary": manifest.summary}

@@ -4,17 +4,28 @@ Per step (batch of prompts, noise from a per-step seed):
   z0  = the student's q-step sample (Algorithm 2), no grad;  z_t = eq. 9 at a milestone t;  x0 = f(z_t, t, c)
   reward (eq. 11):  max(margin - s(dec(x0), c), 0) + max(s(dec(x0), c_neg), 0), through the scorer and VAE
   DMD (eq. 12):     0.5 || x0 - sg(x0 - (x0_fake - x0_real) / w) ||^2 at a re-noised t' (Yin et al. 2024)
-  GAN (eq. 13):     non-saturating or hinge loss of a discriminator = frozen teacher encoder + trainable heads
-then the fake score model (its own LoRA on the same UNet) takes denoising steps on the student's samples,
+  GAN (eq. 13):     non-saturating or hinge loss of a discriminator = frozen teacher features + trainable heads
+then the fake score model (its own LoRA on the same network) takes denoising steps on the student's samples,
 and the discriminator heads take a step on real vs fake.
+
+Any teacher family (tlcm_core/families/): the network, its schedule (a flow teacher's at teacher.resolution), the
+latents' shape, the prompt encoding and the discriminator's features come from the family. The discriminator reads
+the frozen teacher's features: a UNet's encoder half (down blocks and mid block), FLUX.1's image stream after its
+double-stream blocks, SD3's image tokens after the first half of its joint blocks; transformer features are laid out
+on the latent patch grid and read by heads that first project them (TokenDiscriminatorHeads). The fake score model
+learns the teacher's own training target (eps for a DDPM-time UNet, the velocity for a flow teacher). The reward
+decodes through the family's VAE scale and shift; the GAN's real pool is the teacher's own baseline sampler (DDIM +
+CFG, or a flow teacher's Euler on its stock grid). DMD only needs x0 and is the same for every family.
 
 Phases (finetune.phases): the terms can also run as consecutive trainings of the one LoRA, each with its own
 weights, length, batch size and fresh optimisers (the paper: the reward alone, then DMD + GAN), each
 checkpointed under checkpoints/phase-N/ so a resumed run picks up in the phase it was in.
 
-Memory: teacher, student, fake score model and discriminator are ONE UNet: the student and the fake score
-model are two LoRA adapters on it, and the teacher / discriminator encoder are the same weights with the
-adapters switched off. Only LoRAs, the heads and their optimizer states add to one frozen UNet.
+Memory: teacher, student, fake score model and discriminator are ONE network: the student and the fake score
+model are two LoRA adapters on it, and the teacher / discriminator features are the same weights with the
+adapters switched off. Only LoRAs, the heads and their optimizer states add to one frozen network
+(compute.gradient_checkpointing recomputes each block with the adapters as they were; bench/RESULTS.md has the
+memory of FLUX.1-dev on one GPU).
 """
 
 from __future__ import annotations
@@ -29,12 +40,14 @@ import torch.nn.functional as F
 from ..config import FinetuneConfig, LoRAConfig, PipelineConfig, toy_world
 from ..consistency import adapter_weights, stage_device, write_trained_lora
 from ..lora import ADAPTER, active_adapter, adapters_disabled, attach_lora, load_lora_into, read_lora
-from ..models import (Conditioning, Denoiser, decode_latents_grad, encode_prompts, load_pipeline, schedule_of,
-                      teacher_identity, vae_scale_factor_of)
+from ..families import family_of
+from ..families.unet import unet_encoder  # noqa: F401 - the UNet's discriminator features, imported from here too
+from ..models import (Conditioning, Denoiser, decode_latents_grad, encode_prompts, latent_shape, load_pipeline,
+                      network_of, teacher_denoiser, teacher_grid, teacher_identity)
 from ..prompts import load_prompts
 from ..rewards import build_scorer, negative_prompts, reward_hinge
-from ..samplers import ddim_sample, student_clean_latents, teacher_x0_fn
-from ..schedule import ddim_timesteps, milestones
+from ..samplers import student_clean_latents, teacher_sample
+from ..schedule import milestones
 from ..stage import Stage, StageContext
 from ..training import CheckpointIO, TrainResult, TrainState, make_optimizer, train
 from .common import TRAINER_READS, final_lora_stage
@@ -43,28 +56,7 @@ FAKE = "fake"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Discriminator: the teacher UNet's encoder (frozen) + small trainable heads
-
-
-def unet_encoder(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-    """The first half of UNet2DConditionModel.forward: embeddings, conv_in, down blocks, mid block."""
-    if getattr(unet, "encoder_hid_proj", None) is not None:
-        raise ValueError("UNets with an encoder_hid_proj are not supported as discriminator encoders")
-    emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t))
-    kw = cond.unet_kwargs()
-    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=cond.prompt_embeds,
-                             added_cond_kwargs=kw.get("added_cond_kwargs", {}))
-    if aug is not None:
-        emb = emb + aug
-    if unet.time_embed_act is not None:
-        emb = unet.time_embed_act(emb)
-    h = unet.conv_in(x)
-    for block in unet.down_blocks:
-        if getattr(block, "has_cross_attention", False):
-            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=cond.prompt_embeds)
-        else:
-            h, _ = block(hidden_states=h, temb=emb)
-    return unet.mid_block(h, emb, encoder_hidden_states=cond.prompt_embeds)
+# Discriminator: the frozen teacher's features (ModelFamily.discriminator_features) + small trainable heads
 
 
 class DiscriminatorHeads(torch.nn.Module):
@@ -78,10 +70,37 @@ class DiscriminatorHeads(torch.nn.Module):
         return self.net(features).mean(dim=(1, 2, 3))
 
 
-def discriminate(unet, heads: DiscriminatorHeads, x, t, cond) -> torch.Tensor:
-    """Logits (B,) of real vs fake for noised latents; the encoder runs with every adapter off (the teacher)."""
+class TokenDiscriminatorHeads(torch.nn.Module):
+    """Heads for a transformer's image tokens on their patch grid (B, D, h', w'): each token normalised (a
+    transformer's hidden states carry a few channels of very large magnitude) and projected to `width` channels,
+    then DiscriminatorHeads' conv-norm-act-conv over the grid. Projected first because the UNet heads' 3x3 conv at
+    FLUX.1's D = 3072 would be 85 M parameters; at width 256 the heads are 1.4 M."""
+
+    def __init__(self, channels: int, width: int = 256):
+        super().__init__()
+        width = min(width, channels)
+        self.norm = torch.nn.LayerNorm(channels, elementwise_affine=False)
+        self.proj = torch.nn.Linear(channels, width)
+        self.grid = DiscriminatorHeads(width)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(self.norm(features.permute(0, 2, 3, 1)))
+        return self.grid(tokens.permute(0, 3, 1, 2))
+
+
+def discriminator_heads(net) -> torch.nn.Module:
+    """The trainable heads on the network's discriminator features: conv heads on a UNet's feature map, token heads
+    on a transformer's."""
+    family = family_of(net)
+    channels = family.discriminator_channels(net.config)
+    return DiscriminatorHeads(channels) if family.name == "unet" else TokenDiscriminatorHeads(channels)
+
+
+def discriminate(unet, heads: torch.nn.Module, x, t, cond, schedule=None) -> torch.Tensor:
+    """Logits (B,) of real vs fake for noised latents; the features are the teacher's (every adapter off).
+    `schedule`: the network's (a flow transformer is called at its sigmas; a UNet takes t as it is)."""
     with adapters_disabled(unet):
-        return heads(unet_encoder(unet, x, t, cond))
+        return heads(family_of(unet).discriminator_features(unet, x, t, cond, schedule))
 
 
 def gan_generator_loss(logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
@@ -120,14 +139,19 @@ def dmd_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 def fake_score_backward(model: Denoiser, unet, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
-    """The fake score model's denoising loss on the student's (detached) samples (eps-MSE at a random t),
+    """The fake score model's denoising loss on the student's (detached) samples at a random t: the teacher's own
+    training target (eps-MSE for a DDPM-time UNet; for a flow teacher the velocity MSE of rectified flow, which
+    eps-MSE would weigh by (1 - sigma)^2, nearly nothing at the high noise levels a shifted FLUX schedule favours),
     back-propagated while its adapter is the trainable one (PEFT freezes inactive adapters). Returns the loss."""
     t = torch.randint(0, model.schedule.T, (x0.shape[0],), generator=generator).to(x0.device)
     n = torch.randn(x0.shape, generator=generator).to(x0)
     x_t = model.schedule.add_noise(x0.detach(), n, t)
     with active_adapter(unet, FAKE):
-        _, eps = model(x_t, t, cond)
-        loss = F.mse_loss(eps.float(), n.float())
+        x0_fake, eps = model(x_t, t, cond)
+        if model.schedule.prediction_type == "flow":  # v = eps - x0
+            loss = F.mse_loss((eps - x0_fake).float(), (n - x0.detach()).float())
+        else:
+            loss = F.mse_loss(eps.float(), n.float())
         loss.backward()
     return loss.detach()
 
@@ -137,22 +161,25 @@ def fake_score_backward(model: Denoiser, unet, x0: torch.Tensor, cond, generator
 
 
 @torch.no_grad()
-def teacher_real_pool(cfg: PipelineConfig, model: Denoiser, unet, cond_all, uncond, out_art) -> tuple:
-    """Teacher multi-step samples (DDIM + CFG) used as the GAN's real side; computed once, kept in the artifact."""
-    fc = cfg.finetune
+def teacher_real_pool(cfg: PipelineConfig, pipe, model: Denoiser, cond_all, uncond, out_art) -> tuple:
+    """Teacher multi-step samples used as the GAN's real side, by the teacher's own baseline sampler (DDIM + CFG on
+    trailing timesteps; a flow teacher's Euler on its stock grid with its guidance) at finetune.gan_real_steps;
+    computed once, kept in the artifact."""
+    fc, unet = cfg.finetune, model.unet
     if out_art.exists_file("gan_real_pool.safetensors"):
         t = out_art.load_tensors("gan_real_pool.safetensors")
         return t["latents"], t["prompt_idx"]
     g = torch.Generator().manual_seed(cfg.compute.seed + 77)
     lat, idx = [], torch.arange(fc.gan_real_pool) % len(cond_all)
-    size = cfg.teacher.resolution // vae_scale_factor_of(cfg.teacher)
+    shape = latent_shape(pipe, cfg.teacher.resolution)
+    grid = teacher_grid(pipe, cfg.teacher.resolution, fc.gan_real_steps)
     with adapters_disabled(unet):
         for i in range(0, fc.gan_real_pool, fc.batch_size):
             j = idx[i:i + fc.batch_size]
-            x_T = torch.randn((len(j), unet.config.in_channels, size, size), generator=g).to(unet.device)
+            x_T = torch.randn((len(j), *shape), generator=g).to(unet.device)
             c = cond_all[j].to(unet.device)
-            fn = teacher_x0_fn(model, c, uncond.to(unet.device), cfg.schedule.guidance)
-            lat.append(ddim_sample(fn, x_T, ddim_timesteps(fc.gan_real_steps, model.schedule.T), model.schedule).cpu())
+            lat.append(teacher_sample(model, x_T, fc.gan_real_steps, c, uncond.to(unet.device),
+                                      cfg.schedule.guidance, grid).cpu())
     lat = torch.cat(lat)
     out_art.save_tensors("gan_real_pool.safetensors", {"latents": lat, "prompt_idx": idx})
     return lat, idx
@@ -171,7 +198,7 @@ class Micro:
 
 @dataclass
 class FinetuneModels:
-    """What every phase of a finetune run shares: the pipeline, whose UNet holds the student and the fake score
+    """What every phase of a finetune run shares: the pipeline, whose network holds the student and the fake score
     adapters (`model` sees it as a Denoiser), the prompts and their conditioning, and the reward scorer,
     discriminator heads and GAN real pool (None where no phase uses them)."""
 
@@ -181,26 +208,25 @@ class FinetuneModels:
     cond_all: Conditioning
     uncond: Conditioning
     scorer: Any = None
-    heads: DiscriminatorHeads | None = None
+    heads: torch.nn.Module | None = None
     real_pool: tuple | None = None
 
 
 class FinetuneObjective:
-    """The finetune step's math (TLCM section 4.3) on one UNet holding the student and fake score adapters, with
+    """The finetune step's math (TLCM section 4.3) on one network holding the student and fake score adapters, with
     one phase's settings `fc` (the finetune section itself when there are no phases). `first` is the phase's first
     micro-batch index: consecutive phases draw consecutive stretches of the one (seed, index) stream."""
 
     def __init__(self, cfg: PipelineConfig, fc: FinetuneConfig, models: FinetuneModels, device, optimizers: dict,
                  first: int = 0):
-        self.cfg, self.fc, self.pipe, self.unet, self.model = cfg, fc, models.pipe, models.pipe.unet, models.model
+        self.cfg, self.fc, self.pipe, self.unet, self.model = cfg, fc, models.pipe, models.model.unet, models.model
         self.prompts, self.cond_all, self.uncond, self.device = models.prompts, models.cond_all, models.uncond, device
         # a term's models take part in the phases that weigh it only
         self.scorer = models.scorer if fc.reward_weight else None
         self.heads = models.heads if fc.gan_weight else None
         self.real_pool, self.opt, self.first = models.real_pool, optimizers, first
         self.upper = sorted(milestones(self.model.schedule.T, cfg.schedule.segments))[1:]
-        size = cfg.teacher.resolution // vae_scale_factor_of(cfg.teacher)
-        self.shape = (self.unet.config.in_channels, size, size)
+        self.shape = latent_shape(self.pipe, cfg.teacher.resolution)
 
     def batches(self, start: int):
         seed = self.cfg.compute.seed
@@ -233,7 +259,7 @@ class FinetuneObjective:
         if self.heads is not None:  # TLCM eq. 13, generator side
             tg = torch.randint(0, schedule.T, (fc.batch_size,), generator=g).to(self.device)
             ng = torch.randn(x0.shape, generator=g).to(x0)
-            logits = discriminate(self.unet, self.heads, schedule.add_noise(x0, ng, tg), tg, cond)
+            logits = discriminate(self.unet, self.heads, schedule.add_noise(x0, ng, tg), tg, cond, schedule)
             terms["gan_g"] = fc.gan_weight * gan_generator_loss(logits, fc.gan_loss)
         return terms
 
@@ -257,8 +283,9 @@ class FinetuneObjective:
             td = torch.randint(0, schedule.T, (fc.batch_size,), generator=g).to(self.device)
             nd = torch.randn(b.x0.shape, generator=g).to(b.x0)
             ld = gan_discriminator_loss(
-                discriminate(self.unet, self.heads, schedule.add_noise(real, nd, td), td, rcond),
-                discriminate(self.unet, self.heads, schedule.add_noise(b.x0.detach(), nd, td), td, b.cond), fc.gan_loss)
+                discriminate(self.unet, self.heads, schedule.add_noise(real, nd, td), td, rcond, schedule),
+                discriminate(self.unet, self.heads, schedule.add_noise(b.x0.detach(), nd, td), td, b.cond, schedule),
+                fc.gan_loss)
             ld.backward()
             sync(list(self.heads.parameters()))
             self.opt["disc"].step()
@@ -279,10 +306,14 @@ def build_finetune(ctx: StageContext, device: torch.device, phases: list[Finetun
     cfg, fc = ctx.cfg, ctx.cfg.finetune
     reward, dmd, gan = (any(getattr(p, w) for p in phases) for w in ("reward_weight", "dmd_weight", "gan_weight"))
     pipe = load_pipeline(cfg.teacher, device, torch.float32)
-    unet = pipe.unet
+    unet = network_of(pipe)  # the UNet or the transformer: the student, fake score, teacher and discriminator
     load_lora_into(unet, read_lora(ctx.inputs["init"], cfg.lora, teacher_identity(cfg.teacher)).state, cfg.lora)
     prompts = load_prompts(cfg.trajectories.prompts)
-    cond_all, uncond = encode_prompts(pipe, prompts, cfg.teacher.resolution)
+    cond_all, uncond = encode_prompts(pipe, prompts, cfg.teacher.resolution,
+                                      max_sequence_length=cfg.teacher.max_sequence_length)
+    for part in family_of(unet).text_encoder_parts:  # used once, just above (FLUX.1's T5-XXL alone is 4.8 B)
+        if getattr(pipe, part, None) is not None:
+            setattr(pipe, part, None)
     # the toy scorer scores toy-world prompts, whichever teacher draws them
     world = cfg.teacher.toy_world or toy_world(cfg.trajectories.prompts)
     scorer = build_scorer(fc.reward_scorer, fc.reward_model, fc.allow_pickle, world, device) if reward else None
@@ -291,21 +322,23 @@ def build_finetune(ctx: StageContext, device: torch.device, phases: list[Finetun
         attach_lora(unet, LoRAConfig(rank=fc.fake_rank, alpha=fc.fake_rank, target_modules=cfg.lora.target_modules),
                     adapter_name=FAKE)
         unet.set_adapter(ADAPTER)
-    heads = DiscriminatorHeads(unet.config.block_out_channels[-1]).to(device) if gan else None
+    heads = discriminator_heads(unet).to(device) if gan else None
+    if cfg.compute.gradient_checkpointing:
+        family_of(unet).enable_gradient_checkpointing(unet)
     unet.train()
     for p in adapter_weights(unet, ADAPTER).parameters() + adapter_weights(unet, FAKE).parameters():
         p.requires_grad_(True)
-    models = FinetuneModels(pipe, Denoiser(unet, schedule_of(pipe)), prompts, cond_all, uncond.to(device), scorer,
-                            heads)
+    models = FinetuneModels(pipe, teacher_denoiser(pipe, cfg.teacher.resolution), prompts, cond_all,
+                            uncond.to(device), scorer, heads)
     if gan and fc.gan_real == "teacher":
-        models.real_pool = teacher_real_pool(cfg, models.model, unet, cond_all, models.uncond, ctx.out)
+        models.real_pool = teacher_real_pool(cfg, pipe, models.model, cond_all, models.uncond, ctx.out)
     return models
 
 
 def phase_state(models: FinetuneModels, fc: FinetuneConfig) -> TrainState:
     """One phase's TrainState: every trainable model there is, so that each phase's checkpoints hold all that the
     phases after it start from, and fresh optimisers (as separate runs would have) for those this phase trains."""
-    unet = models.pipe.unet
+    unet = models.model.unet
     student, fake = adapter_weights(unet, ADAPTER), adapter_weights(unet, FAKE)
     weights, opts = {"student": student}, {"student": make_optimizer(student.parameters(), fc)}
     if fake.params:
@@ -383,8 +416,8 @@ def run(ctx: StageContext) -> dict:
                              dtype=cfg.compute.dtype, accelerator=ctx.accelerator, save_final=phased))
         first += fc.iterations * fc.grad_accum * world  # the micro-batches this phase drew, over all ranks
     if phased:
-        return _phased_summary(ctx, models.pipe.unet, phases, results)
-    summary = write_trained_lora(ctx, models.pipe.unet, results[0], phases[0])
+        return _phased_summary(ctx, models.model.unet, phases, results)
+    summary = write_trained_lora(ctx, models.model.unet, results[0], phases[0])
     return summary and {**summary, "terms": _terms(phases[0])}
 
 
@@ -396,5 +429,5 @@ def _inputs(cfg: PipelineConfig) -> dict[str, str]:
 
 
 STAGE = Stage("finetune", version=3, run=run, reads=("finetune", *TRAINER_READS, "schedule", "trajectories.prompts"),
-              uses=("finetune.log_every", "finetune.checkpoint_every"), inputs=_inputs, trains=True,
-              makes_lora=True)
+              uses=("finetune.log_every", "finetune.checkpoint_every", "compute.gradient_checkpointing"),
+              inputs=_inputs, trains=True, makes_lora=True)

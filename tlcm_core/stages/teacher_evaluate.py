@@ -1,6 +1,8 @@
-"""Stage `teacher-evaluate`: the teacher's rows of `evaluate` (DDIM + CFG at evaluate.teacher_steps, the FID
-reference row first), sampled once and cached: they depend on the teacher and the evaluation protocol only, so every
-LoRA compared on the same protocol (evaluate.steps, evaluate.sampler, another LoRA) reuses them.
+"""Stage `teacher-evaluate`: the teacher's rows of `evaluate` (its own baseline sampler at evaluate.teacher_steps,
+the FID reference row first: DDIM + CFG on trailing timesteps for SD/SDXL, Euler on the stock pipeline's shifted
+sigma grid with its guidance for FLUX.1 and SD3), sampled once and cached: they depend on the teacher and the
+evaluation protocol only, so every LoRA compared on the same protocol (evaluate.steps, evaluate.sampler, another
+LoRA) reuses them.
 
 The artifact holds the rows (metrics.json, metrics.md), their grids, the teacher images the side-by-side grid shows
 and, with evaluate.metrics.fid_reference=teacher, FID's reference statistics (tlcm_core/evaluation.py: TeacherRows).
@@ -24,7 +26,7 @@ def run(ctx: StageContext) -> dict:
     save_teacher_rows(ctx.out, t)
     for name, png in t.grids.items():
         reporter.image(f"grid-{name}", png, description=f"samples: {name}")
-    reporter.table("teacher-metrics", t.rows, description="the teacher's rows (DDIM + CFG)")
+    reporter.table("teacher-metrics", t.rows, description="the teacher's rows (its baseline sampler)")
     return {"rows": t.rows}
 
 
