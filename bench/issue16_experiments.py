@@ -44,6 +44,9 @@ VARIANTS = {  # key -> (label, overrides [, stages]); stage-2 variants start fro
     "lpips": ("+ LCD with latent LPIPS", ["lcd.distance=latent-lpips"]),
     "anchor1": ("+ LCD + MLCD anchor (weight 1)", ["lcd.mlcd_weight=1"]),
     "anchor10": ("+ LCD + MLCD anchor (weight 10)", ["lcd.mlcd_weight=10"]),
+    "anchor100": ("+ LCD + MLCD anchor (weight 100)", ["lcd.mlcd_weight=100"]),
+    "anchor300": ("+ LCD + MLCD anchor (weight 300)", ["lcd.mlcd_weight=300"]),
+    "anchor1000": ("+ LCD + MLCD anchor (weight 1000)", ["lcd.mlcd_weight=1000"]),
     "anchor1-jump": ("+ LCD jump + MLCD anchor (weight 1)", ["lcd.compare=jump", "lcd.mlcd_weight=1"]),
     # stage 3 (finetune) from stage 2 as configured (--set lcd... to change it); the preset's weights unless named
     "ft": ("+ finetune (reward 1, DMD 10, GAN 0.05)", [], S3),
@@ -54,12 +57,22 @@ VARIANTS = {  # key -> (label, overrides [, stages]); stage-2 variants start fro
                                                                           "finetune.gan_real=teacher"], S3),
     "ft-gan2-teacher": ("+ finetune, GAN 2, real = teacher samples", ["finetune.gan_weight=2",
                                                                       "finetune.gan_real=teacher"], S3),
+    "ft-gan10-teacher": ("+ finetune, GAN 10, real = teacher samples", ["finetune.gan_weight=10",
+                                                                        "finetune.gan_real=teacher"], S3),
+    "ft-gan10-teacher-dlr": ("+ finetune, GAN 10, real = teacher samples, discriminator lr 1e-3",
+                             ["finetune.gan_weight=10", "finetune.gan_real=teacher",
+                              "finetune.discriminator_lr=1e-3"], S3),
+    "ft-reward5": ("+ finetune, reward 5", ["finetune.reward_weight=5"], S3),
     "ft-lr3e-5": ("+ finetune, lr 3e-5", ["finetune.lr=3e-5"], S3),
     "ft-lr1e-4": ("+ finetune, lr 1e-4", ["finetune.lr=1e-4"], S3),
     "ft-300": ("+ finetune, 300 iterations", ["finetune.iterations=300"], S3),
     "ft-dmd30": ("+ finetune, DMD 30", ["finetune.dmd_weight=30"], S3),
     "ft-reward0": ("+ finetune, reward 0", ["finetune.reward_weight=0"], S3),
     "ft-q2": ("+ finetune, clean latents from 2 steps", ["finetune.q=2"], S3),
+    # the paper's order at toy size: the reward alone (half the steps), then DMD + GAN (the steps at half the batch)
+    "ft-phases": ("+ finetune in phases: reward 75 it, then DMD + GAN 150 it at batch 8",
+                  ["finetune.phases=[{iterations: 75, dmd_weight: 0, gan_weight: 0}, "
+                   "{iterations: 150, batch_size: 8, reward_weight: 0}]"], S3),
 }
 
 
