@@ -113,7 +113,8 @@ def test_lcd_compared_after_the_jump_weighs_each_milestone_as_the_sampler_sees_i
 
 def test_lcd_with_an_mlcd_anchor_reads_the_teachers_pairs_and_logs_both_terms(tmp_path):
     """lcd.mlcd_weight > 0: the lcd stage takes the teacher's pairs as a second input and adds MLCD's loss on them
-    to each step (both terms in the log); with 0 the stage's inputs are the paper's."""
+    to each step (both terms in the log); with 0 (the paper's LCD; the toy presets use 1000) the stage's inputs are
+    the paper's."""
     from tlcm_core.pipeline import plan
     from tlcm_core.toy.pipeline import build_toy_pipeline
 
@@ -124,7 +125,7 @@ def test_lcd_with_an_mlcd_anchor_reads_the_teachers_pairs_and_logs_both_terms(tm
             "trajectories.shard_size=16", "mlcd.iterations=2", "mlcd.batch_size=8", "lcd_trajectories.num_samples=16",
             "lcd_trajectories.shard_size=8", "lcd_trajectories.q=1", "lcd_trajectories.p=1", "lcd.iterations=2",
             "lcd.batch_size=8", "lcd.log_every=1", "lora.rank=4"]
-    assert set(plan(load_config("toy-fast", base))["lcd"].inputs) == {"pairs", "init"}
+    assert set(plan(load_config("toy-fast", [*base, "lcd.mlcd_weight=0"]))["lcd"].inputs) == {"pairs", "init"}
     cfg = load_config("toy-fast", [*base, "lcd.mlcd_weight=0.5"])
     res = run_pipeline(cfg, reporter=SilentReporter())
     art = open_store(cfg).artifact("lcd", res[3].fingerprint)
