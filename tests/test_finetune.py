@@ -8,7 +8,8 @@ import torch
 
 from tlcm_core.config import LoRAConfig, TeacherConfig, load_config
 from tlcm_core.stages.finetune import (FAKE, DiscriminatorHeads, discriminate, dmd_gradient, dmd_loss, fake_score_backward,
-                                gan_discriminator_loss, gan_generator_loss, unet_encoder)
+                                gan_discriminator_loss, gan_generator_loss)
+from tlcm_core.families.unet import unet_encoder
 from tlcm_core.lora import ADAPTER, attach_lora
 from tlcm_core.models import Denoiser, encode_prompts, load_pipeline
 from tlcm_core.pipeline import open_store, run_pipeline

@@ -41,7 +41,6 @@ from ..config import FinetuneConfig, LoRAConfig, PipelineConfig, toy_world
 from ..consistency import adapter_weights, stage_device, write_trained_lora
 from ..lora import ADAPTER, active_adapter, adapters_disabled, attach_lora, load_lora_into, read_lora
 from ..families import family_of
-from ..families.unet import unet_encoder  # noqa: F401 - the UNet's discriminator features, imported from here too
 from ..models import (Conditioning, Denoiser, decode_latents_grad, encode_prompts, latent_shape, load_pipeline,
                       network_of, teacher_denoiser, teacher_grid, teacher_identity)
 from ..prompts import load_prompts

@@ -3,9 +3,9 @@ on the pairs of `lcd-trajectories`, continuing the stage-1 LoRA; the teacher is 
 
 from __future__ import annotations
 
-import torch
-
 from functools import partial
+
+import torch
 
 from ..consistency import train_consistency
 from ..losses import consistency_loss
