@@ -5,7 +5,7 @@
   tlcm eval --config toy --lora other.safetensors --scheduler lcm --steps 2,4 --json   (another method's LoRA)
   tlcm artifacts ls|show --store URL [--json]
   tlcm report --config toy --store URL [--out report.md]   the run report of a finished run
-  tlcm toy-teacher [--out DIR]              retrain the shipped toy teacher
+  tlcm toy-teacher [--out DIR] [--flow]     retrain the shipped toy teacher (or the flow one)
   tlcm stack up|down|status [--s3]          a local Prefect server, work pool, workers (and S3) for deployments
   tlcm export --lora URI --out DIR          diffusers / kohya / PEFT files, TLCM scheduler, model card
   tlcm generate --lora URI --prompt TEXT --steps 4 --seed 0 --out image.png
@@ -25,8 +25,8 @@ from tlcm_core.errors import UserError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="toy", help="preset name (toy, toy-fast, toy-hard, toy-hard-fast, sdxl, sd15, "
-                   "flux-dev, sd35) or a YAML path")
+    p.add_argument("--config", default="toy", help="preset name (toy, toy-fast, toy-hard, toy-hard-fast, toy-flow, "
+                   "toy-flow-fast, sdxl, sd15, flux-dev, sd35) or a YAML path")
     p.add_argument("--store", default=None, help="artifact store URL: a folder or s3://bucket/prefix "
                    "(default: the config's store.url)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -159,6 +159,18 @@ def cmd_report(args) -> int:
 
 
 def cmd_toy_teacher(args) -> int:
+    if args.flow:
+        from tlcm_core.toy import toy_teacher_path
+        from tlcm_core.toy.flow_teacher import ToyFlowTeacherSettings, train_toy_flow_teacher
+
+        world = args.world or "toy-hard"
+        if not (toy_teacher_path(world) / "vae").is_dir():
+            print(f"error: the flow teacher takes the VAE of world {world!r}'s UNet teacher, which is not at "
+                  f"{toy_teacher_path(world)} (train it first: tlcm toy-teacher --world {world})", file=sys.stderr)
+            return 2
+        settings = ToyFlowTeacherSettings(world=world, **({"steps": args.steps} if args.steps else {}))
+        print(train_toy_flow_teacher(settings, args.out, resume=True))
+        return 0
     from tlcm_core.toy.teacher import ToyTeacherSettings, train_toy_teacher
 
     settings = ToyTeacherSettings.for_world(args.world or "toy")
@@ -224,7 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("toy-teacher", help="(re)train the toy world's teacher (resumes from checkpoints in --out)")
     t.add_argument("--out", default="./toy-teacher")
     t.add_argument("--world", default=None)
-    t.add_argument("--steps", type=int, default=None, help="UNet training steps (default: the shipped settings)")
+    t.add_argument("--steps", type=int, default=None, help="UNet (or transformer) training steps (default: the "
+                   "shipped settings)")
+    t.add_argument("--flow", action="store_true", help="the world's SD3-shaped flow-matching teacher (default world "
+                   "toy-hard; its VAE is the world's UNet teacher's)")
     t.set_defaults(func=cmd_toy_teacher)
 
     from flows.stack import add_parser as add_stack_parser

@@ -43,17 +43,26 @@ def upload_folder(local_dir: str | os.PathLike, url: str) -> list[str]:
     return [p.relative_to(local_dir).as_posix() for p in files]
 
 
-def train_and_publish(settings: dict[str, Any], out: str, work_dir: str | None = None, progress=None) -> str:
+def train_and_publish(settings: dict[str, Any], out: str, work_dir: str | None = None, progress=None,
+                      kind: str = "unet") -> str:
     """Train (resuming) into `out` if it is local, else into `work_dir` (default: a temp folder) and upload
-    the `pipeline` folder to `{out}/pipeline`. Returns the pipeline's location."""
-    from tlcm_core.toy.teacher import ToyTeacherSettings, train_toy_teacher
+    the `pipeline` folder to `{out}/pipeline`. Returns the pipeline's location. `kind`: "unet" (the SDXL-shaped
+    teacher) or "flow" (the SD3-shaped flow teacher, on the VAE of the world's shipped UNet teacher)."""
+    if kind not in ("unet", "flow"):
+        raise ValueError(f"kind={kind!r}: a toy teacher is 'unet' or 'flow'")
+    if kind == "flow":
+        from tlcm_core.toy.flow_teacher import ToyFlowTeacherSettings, train_toy_flow_teacher
 
-    s = ToyTeacherSettings.for_world(**settings)  # the world's shipped recipe, then the given settings
+        s, train = ToyFlowTeacherSettings(**settings), train_toy_flow_teacher
+    else:
+        from tlcm_core.toy.teacher import ToyTeacherSettings, train_toy_teacher
+
+        s, train = ToyTeacherSettings.for_world(**settings), train_toy_teacher  # the world's recipe, then settings
     if not _is_remote(out):
         local = out[len("file://"):] if out.startswith("file://") else out
-        return str(train_toy_teacher(s, local, progress=progress, resume=True))
+        return str(train(s, local, progress=progress, resume=True))
     with tempfile.TemporaryDirectory(prefix="tlcm-toy-teacher-") as tmp:
-        pipeline = train_toy_teacher(s, work_dir or tmp, progress=progress, resume=True)
+        pipeline = train(s, work_dir or tmp, progress=progress, resume=True)
         dest = out.rstrip("/") + "/pipeline"
         upload_folder(pipeline, dest)
         return dest
@@ -61,14 +70,16 @@ def train_and_publish(settings: dict[str, Any], out: str, work_dir: str | None =
 
 @flow(name="tlcm", flow_run_name="toy-teacher", log_prints=True)
 def toy_teacher(out: str, world: str = "toy", settings: dict[str, Any] | None = None,
-                work_dir: str | None = None) -> str:
+                work_dir: str | None = None, kind: str = "unet") -> str:
     """Train the toy teacher (tlcm_core.toy.teacher) and publish it at `out`; returns the pipeline URL.
 
     out: a local folder or an fsspec URL (s3://bucket/prefix); the diffusers folder lands in `{out}/pipeline`.
     world: the toy world to learn.
-    settings: ToyTeacherSettings fields to change, e.g. {"unet_steps": 3000}.
+    settings: ToyTeacherSettings fields to change, e.g. {"unet_steps": 3000} (ToyFlowTeacherSettings' with kind
+        "flow").
     work_dir: local folder for checkpoints when `out` is remote (default: a temp folder); a persistent one
         lets a restarted run resume.
+    kind: "unet" (the SDXL-shaped teacher) or "flow" (the SD3-shaped flow-matching one).
     """
     logger = get_run_logger()
     reporter = PrefectReporter(bars=False)
@@ -77,7 +88,8 @@ def toy_teacher(out: str, world: str = "toy", settings: dict[str, Any] | None = 
         reporter.progress(f"toy-teacher {phase}", step, total,
                           **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
 
-    url = train_and_publish({"world": world, **(settings or {})}, out, work_dir=work_dir, progress=progress)
+    url = train_and_publish({"world": world, **(settings or {})}, out, work_dir=work_dir, progress=progress,
+                            kind=kind)
     logger.info(f"toy teacher published at {url}; use it with --set teacher.source={url}")
     create_link_artifact(url if "://" in url else f"file://{url}", link_text=url, key="artifact-toy-teacher",
                          description="the trained toy teacher (a diffusers folder)")

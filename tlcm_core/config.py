@@ -47,13 +47,23 @@ class Section(BaseModel):
 
 
 def toy_world(source: str) -> str | None:
-    """The toy world a teacher or prompt source names ("toy" or "toy:<world>"), else None. A folder whose name
-    merely starts with "toy" (say `toy-teacher/pipeline`) is a path, not the shipped toy teacher."""
+    """The toy world a teacher or prompt source names ("toy", "toy:<world>" or, for a teacher, "toy:<world>/<kind>"),
+    else None. A folder whose name merely starts with "toy" (say `toy-teacher/pipeline`) is a path, not the shipped
+    toy teacher."""
     if source == "toy":
         return "toy"
     if source.startswith("toy:") and source[4:]:
-        return source[4:]
+        return source[4:].partition("/")[0]
     return None
+
+
+def toy_teacher_kind(source: str) -> str:
+    """Which of a toy world's shipped teachers a source names: "unet" (the SDXL-shaped one, `toy:<world>`) or
+    "flow" (the SD3-shaped flow-matching one, `toy:<world>/flow`)."""
+    return (source.partition("/")[2] or "unet") if toy_world(source) else "unet"
+
+
+TOY_TEACHER_KINDS = ("unet", "flow")
 
 
 class TeacherConfig(Section):
@@ -74,12 +84,19 @@ class TeacherConfig(Section):
     def _nonempty(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("teacher.source must be 'toy', a hub id or a local path")
+        if toy_world(v) is not None and toy_teacher_kind(v) not in TOY_TEACHER_KINDS:
+            raise ValueError(f"teacher.source={v!r}: a toy teacher is 'toy:<world>' or 'toy:<world>/flow'")
         return v
 
     @property
     def toy_world(self) -> str | None:
         """The shipped toy world this teacher is (None for any other teacher)."""
         return toy_world(self.source)
+
+    @property
+    def toy_kind(self) -> str:
+        """"unet" or "flow": which of the world's shipped teachers (only meaningful when toy_world is set)."""
+        return toy_teacher_kind(self.source)
 
 
 class ScheduleConfig(Section):

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from .config import LoRAConfig, TeacherConfig, toy_world
+from .config import LoRAConfig, TeacherConfig, toy_teacher_kind, toy_world
 from .errors import UserError
 from .families import FAMILIES
 from .flow_lora_names import IMPLEMENTATION, kohya_layers
@@ -448,6 +448,12 @@ def _pipeline_class(unet_config: dict) -> str:
         else "StableDiffusionPipeline"
 
 
+def _toy_path_call(src: str) -> str:
+    """`toy_teacher_path(...)` for a shipped toy teacher's source ("toy", "toy:<world>", "toy:<world>/flow")."""
+    kind = toy_teacher_kind(src)
+    return f'toy_teacher_path("{toy_world(src)}"' + (f', "{kind}")' if kind != "unet" else ")")
+
+
 def model_card(lora: LoRAConfig, base: dict, unet_config: dict, formats: list[str], segments: int, sampler: str,
                steps: int, training: dict | None = None, metrics: list[dict] | None = None,
                name: str = "TLCM LoRA", usage: Usage | None = None) -> str:
@@ -485,7 +491,7 @@ def model_card(lora: LoRAConfig, base: dict, unet_config: dict, formats: list[st
               'sys.path.insert(0, "EXPORT_DIR/scheduler")  # scheduling_tlcm.py: torch + diffusers only',
               "from scheduling_tlcm import TLCMScheduler  # (or: from tlcm_core.scheduler import TLCMScheduler)", "",
               *(["from tlcm_core.toy import toy_teacher_path  # the toy world's teacher ships with tlcm", "",
-                 f'pipe = {pipe_cls}.from_pretrained(toy_teacher_path("{src.partition(":")[2] or "toy"}"))']
+                 f'pipe = {pipe_cls}.from_pretrained({_toy_path_call(src)})']
                 if toy_world(src) else [f'pipe = {pipe_cls}.from_pretrained("{src}")']),
               'pipe.scheduler = TLCMScheduler.from_pretrained("EXPORT_DIR", subfolder="scheduler")']
     if "diffusers" in formats:
@@ -683,13 +689,16 @@ def _flow_usage(lora: LoRAConfig, base: dict, family: str, formats: list[str], u
              'sys.path.insert(0, "EXPORT_DIR/scheduler")  # scheduling_flow_tlcm.py: torch + diffusers only',
              "from scheduling_flow_tlcm import FlowMatchTLCMScheduler  # (or: from tlcm_core.flow_scheduler import "
              "FlowMatchTLCMScheduler)", "",
-             f'pipe = {pipe_cls}.from_pretrained("{src}", torch_dtype=torch.bfloat16)',
+             *(["from tlcm_core.toy import toy_teacher_path  # the toy world's teacher ships with tlcm", "",
+                f'pipe = {pipe_cls}.from_pretrained({_toy_path_call(src)})'] if toy_world(src) else
+               [f'pipe = {pipe_cls}.from_pretrained("{src}", torch_dtype=torch.bfloat16)']),
              'pipe.scheduler = FlowMatchTLCMScheduler.from_pretrained("EXPORT_DIR", subfolder="scheduler")']
     if "diffusers" in formats:
         lines.append('pipe.load_lora_weights("EXPORT_DIR/diffusers", adapter_name="tlcm")')
     lines += ["g = torch.Generator().manual_seed(0)",
               "pipe.scheduler.set_noise_generator(g)  # the pipeline passes no generator to the scheduler's steps",
-              f'image = pipe("a photo of a cat", num_inference_steps={usage.steps}, guidance_scale=1.0{extra},',
+              f'image = pipe("{"a red circle" if toy_world(src) else "a photo of a cat"}", '
+              f'num_inference_steps={usage.steps}, guidance_scale=1.0{extra},',
               "             generator=g).images[0]", "```", ""]
     if "peft" in formats:
         lines += ["## Usage (PEFT)", "", "```python", "from peft import PeftModel", "",

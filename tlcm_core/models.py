@@ -111,9 +111,11 @@ def resolve_teacher_source(teacher: TeacherConfig) -> str:
     if world is not None:
         from .toy import toy_teacher_path
 
-        path = toy_teacher_path(world)
+        path = toy_teacher_path(world, teacher.toy_kind)
         if not (Path(path) / "model_index.json").is_file():
-            raise TeacherError(f"the toy teacher for world {world!r} is not shipped at {path}; run `tlcm toy-teacher`")
+            flag = " --flow" if teacher.toy_kind == "flow" else ""
+            raise TeacherError(f"the {teacher.toy_kind} toy teacher for world {world!r} is not shipped at {path}; "
+                               f"run `tlcm toy-teacher --world {world}{flag}`")
         return str(path)
     if teacher.source.startswith("file://"):
         return teacher.source[len("file://"):]
@@ -202,7 +204,7 @@ def local_family(teacher: TeacherConfig) -> ModelFamily | None:
     if teacher.family != "auto":
         return FAMILIES[teacher.family]
     if teacher.toy_world is not None:
-        return FAMILIES["unet"]
+        return FAMILIES["sd3" if teacher.toy_kind == "flow" else "unet"]
     if _is_remote(teacher.source):
         return None
     src = teacher.source[len("file://"):] if teacher.source.startswith("file://") else teacher.source

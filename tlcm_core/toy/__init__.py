@@ -1,4 +1,4 @@
-"""The toy world: procedural text-image data, a tiny SDXL-shaped teacher, an evaluator (accuracy,
+"""The toy world: procedural text-image data, a tiny SDXL-shaped teacher (and an SD3-shaped flow teacher), an evaluator (accuracy,
 Frechet distance, differentiable reward). Shipped trained artifacts live under ``TOY_ASSETS/<world>/``."""
 
 from pathlib import Path
@@ -12,9 +12,10 @@ from .tokenizer import build_tokenizer
 TOY_ASSETS = Path(__file__).parent / "assets"
 
 
-def toy_teacher_path(world: str = "toy") -> Path:
-    """The shipped diffusers folder of the world's trained teacher (StableDiffusionXLPipeline)."""
-    return TOY_ASSETS / world / "teacher"
+def toy_teacher_path(world: str = "toy", kind: str = "unet") -> Path:
+    """The shipped diffusers folder of the world's trained teacher: "unet" a StableDiffusionXLPipeline, "flow" a
+    StableDiffusion3Pipeline (flow matching)."""
+    return TOY_ASSETS / world / ("teacher" if kind == "unet" else f"teacher-{kind}")
 
 
 def toy_evaluator_path(world: str = "toy") -> Path:

@@ -4,6 +4,11 @@
 2. the teacher, trained (or resumed) in ``DIR`` with ``ToyTeacherSettings`` (defaults, or ``--settings JSON``);
 3. copies ``DIR/pipeline`` to ``assets/<world>/teacher`` (UNet weights stored in fp16 unless ``--unet-fp32``) and the settings to ``teacher_settings.json``;
 4. measures VAE reconstructions and the teacher at 1/2/4/8/25 DDIM steps -> ``assets/<world>/metrics.json``.
+
+With ``--flow`` it builds the world's flow teacher instead (the UNet teacher's VAE and the evaluator must exist):
+``ToyFlowTeacherSettings`` trains the SD3-shaped transformer in ``DIR``, ``assets/<world>/teacher-flow`` receives
+the pipeline (transformer in fp16 storage), ``flow_teacher_settings.json`` the settings and ``flow_metrics.json``
+the teacher sampled by its own Euler scheduler at 1/2/4/8/25 steps, at each ``--guidance-scale`` given.
 Run with one thread (``OMP_NUM_THREADS=1``) for the timings recorded in metrics.json.
 """
 
@@ -23,6 +28,53 @@ import torch
 EVALUATOR_STEPS: dict[str, int] = {"toy": 1500, "toy-hard": 2500}
 
 
+def _store_half(f: Path) -> None:
+    """fp16 *storage* halves the folder (diffusers upcasts to the model's fp32 on load); the metrics are measured on
+    exactly these shipped weights."""
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v.half() for k, v in load_file(str(f)).items()}, str(f), metadata={"format": "pt"})
+
+
+def _count(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def build_flow(args, dest: Path, ev) -> None:
+    from diffusers import StableDiffusion3Pipeline
+
+    from .flow_teacher import ToyFlowTeacherSettings, train_toy_flow_teacher
+    from .metrics import measure_pipeline
+
+    settings = ToyFlowTeacherSettings(world=args.world, **json.loads(args.settings))
+    pipe_dir = train_toy_flow_teacher(settings, args.work_dir)
+    train_info = json.loads((Path(args.work_dir) / "DONE.json").read_text())
+    tdir = dest / "teacher-flow"
+    if tdir.exists():
+        shutil.rmtree(tdir)
+    shutil.copytree(pipe_dir, tdir)
+    if not args.unet_fp32:
+        _store_half(tdir / "transformer" / "diffusion_pytorch_model.safetensors")
+    (dest / "flow_teacher_settings.json").write_text(json.dumps(settings.model_dump(mode="json"), indent=2) + "\n")
+    pipe = StableDiffusion3Pipeline.from_pretrained(tdir)
+    pipe.set_progress_bar_config(disable=True)
+    scales = [float(g) for g in str(args.guidance_scale).split(",")]
+    metrics = {
+        "world": args.world,
+        "threads": args.threads,
+        "params": {k: _count(getattr(pipe, k)) for k in ("transformer", "vae", "text_encoder", "text_encoder_2",
+                                                         "text_encoder_3")},
+        "teacher_training": {"transformer": train_info["transformer"],
+                             "wall_s_last_run": train_info.get("wall_s_this_run"),
+                             "cpu_s_last_run": train_info.get("cpu_s_this_run")},
+        "teacher": {f"{g:g}": measure_pipeline(pipe, ev, args.world, n=args.n, guidance_scale=g) for g in scales},
+    }
+    (dest / "flow_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    for g, m in metrics["teacher"].items():
+        print(f"guidance {g}:", json.dumps({k: (round(r["accuracy"], 4), round(r["fd"], 3))
+                                             for k, r in m["steps"].items()}))
+
+
 def main(argv: list[str] | None = None) -> None:
     from diffusers import StableDiffusionXLPipeline
 
@@ -37,10 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--settings", default="{}", help="ToyTeacherSettings overrides as JSON")
     ap.add_argument("--evaluator-steps", type=int, default=None, help="default: EVALUATOR_STEPS of the world")
     ap.add_argument("--force-evaluator", action="store_true")
-    ap.add_argument("--guidance-scale", type=float, default=7.0)
+    ap.add_argument("--flow", action="store_true", help="build the world's flow teacher (teacher-flow/)")
+    ap.add_argument("--guidance-scale", default="7.0", help="CFG scale(s) of the measurement, comma-separated with "
+                                                            "--flow")
     ap.add_argument("--n", type=int, default=1024, help="samples per step count (>= 1024 for the Frechet distance)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--unet-fp32", action="store_true", help="ship the UNet weights in fp32 (default: fp16 storage)")
+    ap.add_argument("--unet-fp32", action="store_true", help="ship the UNet's (or transformer's) weights in fp32 "
+                                                             "(default: fp16 storage)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -51,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         train_evaluator(args.world, ev_path, steps=args.evaluator_steps or EVALUATOR_STEPS.get(args.world, 1500), seed=0)
     ev = ToyEvaluator.load(args.world)
 
+    if args.flow:
+        return build_flow(args, dest, ev)
     settings = ToyTeacherSettings.for_world(args.world, **json.loads(args.settings))
     t0 = time.time()
     pipe_dir = train_toy_teacher(settings, args.work_dir)
@@ -61,28 +118,22 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(tdir)
     shutil.copytree(pipe_dir, tdir)
     if not args.unet_fp32:
-        # fp16 *storage* halves the folder (diffusers upcasts to the model's fp32 on load); the metrics
-        # below are measured on exactly these shipped weights.
-        from safetensors.torch import load_file, save_file
-
-        f = tdir / "unet" / "diffusion_pytorch_model.safetensors"
-        save_file({k: v.half() for k, v in load_file(str(f)).items()}, str(f), metadata={"format": "pt"})
+        _store_half(tdir / "unet" / "diffusion_pytorch_model.safetensors")
     (dest / "teacher_settings.json").write_text(json.dumps(settings.model_dump(mode="json"), indent=2) + "\n")
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tdir)
     pipe.set_progress_bar_config(disable=True)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     metrics = {
         "world": args.world,
         "threads": args.threads,
-        "params": {k: count(getattr(pipe, k)) for k in ("unet", "vae", "text_encoder", "text_encoder_2")}
-        | {"evaluator": count(ev)},
+        "params": {k: _count(getattr(pipe, k)) for k in ("unet", "vae", "text_encoder", "text_encoder_2")}
+        | {"evaluator": _count(ev)},
         "latent_shape": [pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size],
         "scaling_factor": pipe.vae.config.scaling_factor,
         "teacher_training": {k: train_info[k] for k in ("vae", "unet", "scaling_factor")},
         "evaluator": json.loads(ev_path.with_suffix(".json").read_text()).get("training", {}),
         "vae_reconstruction": vae_reconstruction(pipe, ev, args.world),
-        "teacher": measure_pipeline(pipe, ev, args.world, n=args.n, guidance_scale=args.guidance_scale),
+        "teacher": measure_pipeline(pipe, ev, args.world, n=args.n, guidance_scale=float(args.guidance_scale)),
     }
     metrics["teacher_training"]["wall_s_last_run"] = train_info.get("wall_s_this_run")
     metrics["teacher_training"]["cpu_s_last_run"] = train_info.get("cpu_s_this_run")

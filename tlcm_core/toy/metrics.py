@@ -1,4 +1,4 @@
-"""Toy-world measurements: sample a (teacher or student) SDXL pipeline and score it with the evaluator.
+"""Toy-world measurements: sample a (teacher or student) toy pipeline and score it with the evaluator.
 
 ``measure_pipeline`` gives, per step count, prompt accuracy (every attribute right), per-attribute
 accuracy and the Frechet distance on evaluator features against real images of the world.
@@ -38,8 +38,10 @@ def eval_prompts(world: str = "toy", n: int = 256) -> list[str]:
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], steps: int, guidance_scale: float, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
-    """Images in [0, 1], (N, 3, H, W), sampled with the pipeline itself (its current scheduler)."""
+def generate(pipe, prompts: list[str], steps: int, guidance_scale: float, seed: int = 0, batch_size: int = 256,
+             **call_kw) -> torch.Tensor:
+    """Images in [0, 1], (N, 3, H, W), sampled with the pipeline itself (its current scheduler); `call_kw` go to the
+    pipeline call (the toy flow teacher's `max_sequence_length`)."""
     out = []
     for b, i in enumerate(range(0, len(prompts), batch_size)):
         g = torch.Generator().manual_seed(seed * 100_003 + b)
@@ -49,6 +51,7 @@ def generate(pipe, prompts: list[str], steps: int, guidance_scale: float, seed: 
             guidance_scale=guidance_scale,
             generator=g,
             output_type="pt",
+            **call_kw,
         )
         out.append(res.images.float().cpu())
     return torch.cat(out)
@@ -66,8 +69,11 @@ def measure_pipeline(
     n_real: int = 1024,
     real_seed: int = 424_242,
 ) -> dict:
-    """Sample ``n`` balanced prompts at each step count with DDIM-trailing and score them (accuracy with its 95%
-    Wilson interval, per-attribute accuracy, Frechet distance to ``n_real`` real images)."""
+    """Sample ``n`` balanced prompts at each step count and score them (accuracy with its 95% Wilson interval,
+    per-attribute accuracy, Frechet distance to ``n_real`` real images). An SDXL-shaped teacher samples with
+    DDIM-trailing; the SD3-shaped flow teacher with its own scheduler (FlowMatchEulerDiscreteScheduler, shift 3), as
+    its stock pipeline does."""
+    from .flow_pipeline import MAX_SEQUENCE_LENGTH
     from ..evaluation import wilson_interval
 
     ev = evaluator if evaluator is not None else ToyEvaluator.load(world)
@@ -76,13 +82,19 @@ def measure_pipeline(
     real2, _ = w.sample(n, real_seed + 1)
     f_real = ev.features(real)
     old = pipe.scheduler
-    pipe.scheduler = ddim_trailing_scheduler()
+    flow = hasattr(pipe, "transformer")
+    call_kw = {"max_sequence_length": MAX_SEQUENCE_LENGTH} if flow else {}
+    if flow:
+        sampler = f"{type(pipe).__name__} + its {type(old).__name__}(shift={old.config.shift:g})"
+    else:
+        pipe.scheduler = ddim_trailing_scheduler()
+        sampler = f"{type(pipe).__name__} + DDIMScheduler(timestep_spacing='trailing', SDXL schedule)"
     prompts = eval_prompts(world, n)
     rows = {}
     try:
         for k in steps:
             t0 = time.time()
-            imgs = generate(pipe, prompts, k, guidance_scale, seed)
+            imgs = generate(pipe, prompts, k, guidance_scale, seed, **call_kw)
             hits = ev.hits(imgs, prompts)
             right = int(ev.all_right(hits).sum())
             rows[str(k)] = {
@@ -96,7 +108,7 @@ def measure_pipeline(
         pipe.scheduler = old
     return {
         "world": world,
-        "sampler": "StableDiffusionXLPipeline + DDIMScheduler(timestep_spacing='trailing', SDXL schedule)",
+        "sampler": sampler,
         "guidance_scale": guidance_scale,
         "n": n,
         "seed": seed,

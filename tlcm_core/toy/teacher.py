@@ -264,6 +264,53 @@ def _ema_update(ema: dict, model: torch.nn.Module, decay: float) -> None:
             ema[k].copy_(v)
 
 
+def train_denoiser(net: torch.nn.Module, phase: str, batch_loss: Callable, *, steps: int, lr: float,
+                   weight_decay: float, seed: int, s, ckpt_dir: Path, progress: Progress, resume: bool) -> dict:
+    """The teachers' training loop: AdamW with warmup + cosine lr, gradient clipping, EMA weights, checkpoints
+    (`phase-NNNNNNN/` with the network, its EMA and the optimizer/RNG state) and resume. `batch_loss(g, step)`
+    draws one batch from the generator `g` and returns (loss, per-sample MSE). `s` gives the shared bookkeeping
+    fields (warmup_steps, min_lr_ratio, ema_decay, grad_clip, checkpoint_every, keep_checkpoints, log_every). The
+    network ends with its EMA weights, in eval mode."""
+    ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    step = 0
+    found = latest_checkpoint(ckpt_dir, phase) if resume else None
+    if found is not None:
+        step, path = found
+        net.load_state_dict(load_file(str(path / f"{phase}.safetensors")))
+        ema = load_file(str(path / "ema.safetensors"))
+        st = torch.load(path / "state.pt", weights_only=True)
+        opt.load_state_dict(st["optimizer"])
+        _set_rng_state(g, st["rng"])
+        assert int(st["step"]) == step
+    net.train()
+    last = {}
+    t0 = time.time()
+    start = step
+    while step < steps:
+        lr_now = _lr_at(step, steps, lr, s.warmup_steps, s.min_lr_ratio)
+        for pg in opt.param_groups:
+            pg["lr"] = lr_now
+        loss, per = batch_loss(g, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.grad_clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), s.grad_clip)
+        opt.step()
+        step += 1
+        _ema_update(ema, net, min(s.ema_decay, (1 + step) / (10 + step)))
+        last = {"loss": loss.item(), "mse": per.mean().item(), "lr": lr_now,
+                "s_per_step": (time.time() - t0) / (step - start)}
+        if step % s.checkpoint_every == 0 or step == steps:
+            state = {"step": step, "optimizer": opt.state_dict(), "rng": _rng_state(g)}
+            _write_checkpoint(ckpt_dir, phase, step, {phase: net.state_dict(), "ema": ema}, state, s.keep_checkpoints)
+        progress(phase, step, steps, last if (step % s.log_every == 0 or step == steps) else {})
+    net.load_state_dict(ema)
+    net.eval()
+    return last
+
+
 def _train_unet(pipe, lat_mean, lat_std, pidx, s: ToyTeacherSettings, ckpt_dir: Path, progress: Progress, resume: bool):
     from .pipeline import TOY_TIME_IDS
 
@@ -282,30 +329,9 @@ def _train_unet(pipe, lat_mean, lat_std, pidx, s: ToyTeacherSettings, ckpt_dir: 
     assert sched.beta_schedule == "scaled_linear" and sched.num_train_timesteps == 1000
     a_t, s_t = abar.sqrt().float(), (1 - abar).sqrt().float()
     snr = (abar / (1 - abar)).float()
+    n, B = lat_mean.shape[0], s.unet_batch_size
 
-    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    opt = torch.optim.AdamW(unet.parameters(), lr=s.unet_lr, weight_decay=s.unet_weight_decay)
-    g = torch.Generator().manual_seed(s.seed * 1000 + 2)
-    step = 0
-    found = latest_checkpoint(ckpt_dir, "unet") if resume else None
-    if found is not None:
-        step, path = found
-        unet.load_state_dict(load_file(str(path / "unet.safetensors")))
-        ema = load_file(str(path / "ema.safetensors"))
-        st = torch.load(path / "state.pt", weights_only=True)
-        opt.load_state_dict(st["optimizer"])
-        _set_rng_state(g, st["rng"])
-        assert int(st["step"]) == step
-    unet.train()
-    n = lat_mean.shape[0]
-    B = s.unet_batch_size
-    last = {}
-    t0 = time.time()
-    start = step
-    while step < s.unet_steps:
-        lr = _lr_at(step, s.unet_steps, s.unet_lr, s.warmup_steps, s.min_lr_ratio)
-        for pg in opt.param_groups:
-            pg["lr"] = lr
+    def batch_loss(g, step):
         idx = torch.randint(0, n, (B,), generator=g)
         z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * sf
         t = torch.randint(0, 1000, (B,), generator=g)
@@ -315,24 +341,11 @@ def _train_unet(pipe, lat_mean, lat_std, pidx, s: ToyTeacherSettings, ckpt_dir: 
         xt = a_t[t].view(B, 1, 1, 1) * z0 + s_t[t].view(B, 1, 1, 1) * eps
         pred = unet(xt, t, encoder_hidden_states=pe[cond],
                     added_cond_kwargs={"text_embeds": pooled[cond], "time_ids": time_ids.expand(B, -1)}).sample
-        loss, per = _eps_loss(pred, eps, snr[t], s.snr_gamma)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if s.grad_clip:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), s.grad_clip)
-        opt.step()
-        step += 1
-        _ema_update(ema, unet, min(s.ema_decay, (1 + step) / (10 + step)))
-        last = {"loss": loss.item(), "mse": per.mean().item(), "lr": lr, "s_per_step": (time.time() - t0) / (step - start)}
-        if step % s.checkpoint_every == 0 or step == s.unet_steps:
-            state = {"step": step, "optimizer": opt.state_dict(), "rng": _rng_state(g)}
-            _write_checkpoint(
-                ckpt_dir, "unet", step, {"unet": unet.state_dict(), "ema": ema}, state, s.keep_checkpoints
-            )
-        progress("unet", step, s.unet_steps, last if (step % s.log_every == 0 or step == s.unet_steps) else {})
-    unet.load_state_dict(ema)
-    unet.eval()
-    return last
+        return _eps_loss(pred, eps, snr[t], s.snr_gamma)
+
+    return train_denoiser(unet, "unet", batch_loss, steps=s.unet_steps, lr=s.unet_lr,
+                          weight_decay=s.unet_weight_decay, seed=s.seed * 1000 + 2, s=s, ckpt_dir=ckpt_dir,
+                          progress=progress, resume=resume)
 
 
 # ------------------------------------------------------------------------------------------ main

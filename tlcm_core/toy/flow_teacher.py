@@ -1,0 +1,142 @@
+"""Train the toy flow teacher: an SD3-shaped transformer by rectified flow on a toy world (flow_pipeline.py).
+
+The VAE is the world's shipped UNet teacher's (already trained on the same images), so only the transformer trains:
+velocity prediction `v = eps - x0` on `x_t = (1 - sigma) x0 + sigma eps`, sigmas drawn as SD3 trains them (logit-
+normal, then the scheduler's shift), `prompt_dropout` of the prompts replaced by the empty prompt (the unconditional
+of the pipeline's CFG), EMA weights. The text encoders stay frozen at their seeded random initialisation; every
+prompt's conditioning (and the empty prompt's) is computed once with the pipeline's own `encode_prompt`.
+
+Checkpoints and resume as the UNet teacher's (`checkpoints/transformer-NNNNNNN/`); the result is `out_dir/pipeline`
+(a StableDiffusion3Pipeline folder) and `out_dir/DONE.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .data import get_world
+from .teacher import Progress, _default_progress, _encode_all, save_pipeline_atomically, train_denoiser
+
+__all__ = ["ToyFlowTeacherSettings", "train_toy_flow_teacher"]
+
+
+class ToyFlowTeacherSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    world: str = "toy-hard"
+    seed: int = 0
+    n_train: int = Field(60_000, ge=16, description="procedural training images (world.sample(n_train, seed))")
+    width: int = Field(128, ge=32, description="transformer width (heads x head_dim)")
+    layers: int = Field(6, ge=1, description="joint (MMDiT) blocks")
+    head_dim: int = Field(32, ge=8)
+    steps: int = Field(5000, ge=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = 6e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    min_lr_ratio: float = Field(0.1, description="cosine decay of the lr to this fraction")
+    logit_mean: float = Field(0.0, description="SD3's logit-normal timestep density: mean")
+    logit_std: float = Field(1.0, gt=0, description="... and standard deviation")
+    ema_decay: float = 0.999
+    prompt_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    grad_clip: float = 1.0
+    checkpoint_every: int = Field(250, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(25, ge=1)
+
+
+def _init_pipeline(ckpt_dir: Path, s: ToyFlowTeacherSettings):
+    from diffusers import StableDiffusion3Pipeline
+
+    from . import toy_teacher_path
+    from .flow_pipeline import build_toy_flow_pipeline
+
+    init = ckpt_dir / "init"
+    if not (init / "model_index.json").exists():
+        pipe = build_toy_flow_pipeline(toy_teacher_path(s.world), s.seed, width=s.width, layers=s.layers,
+                                       head_dim=s.head_dim)
+        save_pipeline_atomically(pipe, init)
+    pipe = StableDiffusion3Pipeline.from_pretrained(init)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _train_transformer(pipe, lat_mean, lat_std, pidx, s: ToyFlowTeacherSettings, ckpt_dir: Path, progress: Progress,
+                       resume: bool) -> dict:
+    from .flow_pipeline import MAX_SEQUENCE_LENGTH
+
+    net = pipe.transformer
+    prompts = get_world(s.world).prompts()
+    with torch.no_grad():
+        pe, _, pooled, _ = pipe.encode_prompt(prompt=prompts + [""], prompt_2=None, prompt_3=None,
+                                              do_classifier_free_guidance=False,
+                                              max_sequence_length=MAX_SEQUENCE_LENGTH)
+    pe, pooled = pe.detach(), pooled.detach()
+    null = len(prompts)
+    scale = float(pipe.vae.config.scaling_factor)
+    shift_factor = float(pipe.vae.config.shift_factor or 0.0)
+    shift = float(pipe.scheduler.config.shift)
+    n, B = lat_mean.shape[0], s.batch_size
+
+    def batch_loss(g, step):
+        idx = torch.randint(0, n, (B,), generator=g)
+        z = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
+        x0 = (z - shift_factor) * scale
+        u = torch.sigmoid(s.logit_mean + s.logit_std * torch.randn(B, generator=g))
+        sigma = (shift * u / (1 + (shift - 1) * u)).view(B, 1, 1, 1)
+        eps = torch.randn(x0.shape, generator=g)
+        drop = torch.rand(B, generator=g) < s.prompt_dropout
+        cond = torch.where(drop, torch.full_like(pidx[idx], null), pidx[idx])
+        x_t = (1 - sigma) * x0 + sigma * eps
+        pred = net(hidden_states=x_t, timestep=sigma.flatten() * 1000, encoder_hidden_states=pe[cond],
+                   pooled_projections=pooled[cond]).sample
+        per = (pred - (eps - x0)).pow(2).mean(dim=(1, 2, 3))
+        return per.mean(), per
+
+    return train_denoiser(net, "transformer", batch_loss, steps=s.steps, lr=s.lr, weight_decay=s.weight_decay,
+                          seed=s.seed * 1000 + 4, s=s, ckpt_dir=ckpt_dir, progress=progress, resume=resume)
+
+
+def train_toy_flow_teacher(settings: ToyFlowTeacherSettings, out_dir: str | Path, progress: Progress | None = None,
+                           resume: bool = True) -> Path:
+    """Train (or resume) the toy flow teacher; returns `out_dir/"pipeline"` (a diffusers SD3 folder). `progress` and
+    `resume` as `train_toy_teacher`."""
+    s = settings
+    out = Path(out_dir)
+    ckpt_dir, final, done_marker = out / "checkpoints", out / "pipeline", out / "DONE.json"
+    if resume and done_marker.exists() and (final / "model_index.json").exists():
+        if json.loads(done_marker.read_text()).get("settings") == s.model_dump(mode="json"):
+            return final
+    if not resume and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(json.dumps(s.model_dump(mode="json"), indent=2) + "\n")
+    close = lambda: None  # noqa: E731
+    if progress is None:
+        progress, close = _default_progress()
+    try:
+        t_start, cpu_start = time.time(), time.process_time()
+        world = get_world(s.world)
+        images, prompts = world.sample(s.n_train, s.seed)
+        index = {p: i for i, p in enumerate(world.prompts())}
+        pidx = torch.tensor([index[p] for p in prompts], dtype=torch.long)
+        pipe = _init_pipeline(ckpt_dir, s)
+        for part in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            getattr(pipe, part).requires_grad_(False)
+        lat_mean, lat_std = _encode_all(pipe.vae, images)
+        del images
+        metrics = _train_transformer(pipe, lat_mean, lat_std, pidx, s, ckpt_dir, progress, resume)
+        save_pipeline_atomically(pipe, final)
+        done_marker.write_text(json.dumps({
+            "settings": s.model_dump(mode="json"), "transformer": metrics,
+            "wall_s_this_run": time.time() - t_start, "cpu_s_this_run": time.process_time() - cpu_start,
+        }, indent=2) + "\n")
+        return final
+    finally:
+        close()
