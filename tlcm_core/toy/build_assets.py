@@ -36,6 +36,17 @@ def _store_half(f: Path) -> None:
     save_file({k: v.half() for k, v in load_file(str(f)).items()}, str(f), metadata={"format": "pt"})
 
 
+def _ship(pipe_dir: Path, tdir: Path, network: str, fp32: bool, settings, settings_file: Path) -> None:
+    """Copy the trained pipeline folder to the assets (the network's weights in fp16 storage unless `fp32`) and
+    write its training settings beside it."""
+    if tdir.exists():
+        shutil.rmtree(tdir)
+    shutil.copytree(pipe_dir, tdir)
+    if not fp32:
+        _store_half(tdir / network / "diffusion_pytorch_model.safetensors")
+    settings_file.write_text(json.dumps(settings.model_dump(mode="json"), indent=2) + "\n")
+
+
 def _count(m) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -50,12 +61,7 @@ def build_flow(args, dest: Path, ev) -> None:
     pipe_dir = train_toy_flow_teacher(settings, args.work_dir)
     train_info = json.loads((Path(args.work_dir) / "DONE.json").read_text())
     tdir = dest / "teacher-flow"
-    if tdir.exists():
-        shutil.rmtree(tdir)
-    shutil.copytree(pipe_dir, tdir)
-    if not args.unet_fp32:
-        _store_half(tdir / "transformer" / "diffusion_pytorch_model.safetensors")
-    (dest / "flow_teacher_settings.json").write_text(json.dumps(settings.model_dump(mode="json"), indent=2) + "\n")
+    _ship(pipe_dir, tdir, "transformer", args.unet_fp32, settings, dest / "flow_teacher_settings.json")
     pipe = StableDiffusion3Pipeline.from_pretrained(tdir)
     pipe.set_progress_bar_config(disable=True)
     scales = [float(g) for g in str(args.guidance_scale).split(",")]
@@ -114,12 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     train_info = json.loads((Path(args.work_dir) / "DONE.json").read_text())
 
     tdir = dest / "teacher"
-    if tdir.exists():
-        shutil.rmtree(tdir)
-    shutil.copytree(pipe_dir, tdir)
-    if not args.unet_fp32:
-        _store_half(tdir / "unet" / "diffusion_pytorch_model.safetensors")
-    (dest / "teacher_settings.json").write_text(json.dumps(settings.model_dump(mode="json"), indent=2) + "\n")
+    _ship(pipe_dir, tdir, "unet", args.unet_fp32, settings, dest / "teacher_settings.json")
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tdir)
     pipe.set_progress_bar_config(disable=True)

@@ -12,16 +12,13 @@ Checkpoints and resume as the UNet teacher's (`checkpoints/transformer-NNNNNNN/`
 
 from __future__ import annotations
 
-import json
-import shutil
-import time
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .data import get_world
-from .teacher import Progress, _default_progress, _encode_all, save_pipeline_atomically, train_denoiser
+from .teacher import Progress, _encode_all, run_teacher_training, save_pipeline_atomically, train_denoiser
 
 __all__ = ["ToyFlowTeacherSettings", "train_toy_flow_teacher"]
 
@@ -35,7 +32,7 @@ class ToyFlowTeacherSettings(BaseModel):
     width: int = Field(128, ge=32, description="transformer width (heads x head_dim)")
     layers: int = Field(6, ge=1, description="joint (MMDiT) blocks")
     head_dim: int = Field(32, ge=8)
-    steps: int = Field(5000, ge=0)
+    steps: int = Field(4500, ge=0)
     batch_size: int = Field(64, ge=1)
     lr: float = 6e-4
     weight_decay: float = 0.0
@@ -108,35 +105,12 @@ def train_toy_flow_teacher(settings: ToyFlowTeacherSettings, out_dir: str | Path
     """Train (or resume) the toy flow teacher; returns `out_dir/"pipeline"` (a diffusers SD3 folder). `progress` and
     `resume` as `train_toy_teacher`."""
     s = settings
-    out = Path(out_dir)
-    ckpt_dir, final, done_marker = out / "checkpoints", out / "pipeline", out / "DONE.json"
-    if resume and done_marker.exists() and (final / "model_index.json").exists():
-        if json.loads(done_marker.read_text()).get("settings") == s.model_dump(mode="json"):
-            return final
-    if not resume and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps(s.model_dump(mode="json"), indent=2) + "\n")
-    close = lambda: None  # noqa: E731
-    if progress is None:
-        progress, close = _default_progress()
-    try:
-        t_start, cpu_start = time.time(), time.process_time()
-        world = get_world(s.world)
-        images, prompts = world.sample(s.n_train, s.seed)
-        index = {p: i for i, p in enumerate(world.prompts())}
-        pidx = torch.tensor([index[p] for p in prompts], dtype=torch.long)
+
+    def body(ckpt_dir: Path, images: torch.Tensor, pidx: torch.Tensor, progress: Progress):
         pipe = _init_pipeline(ckpt_dir, s)
         for part in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
             getattr(pipe, part).requires_grad_(False)
         lat_mean, lat_std = _encode_all(pipe.vae, images)
-        del images
-        metrics = _train_transformer(pipe, lat_mean, lat_std, pidx, s, ckpt_dir, progress, resume)
-        save_pipeline_atomically(pipe, final)
-        done_marker.write_text(json.dumps({
-            "settings": s.model_dump(mode="json"), "transformer": metrics,
-            "wall_s_this_run": time.time() - t_start, "cpu_s_this_run": time.process_time() - cpu_start,
-        }, indent=2) + "\n")
-        return final
-    finally:
-        close()
+        return pipe, {"transformer": _train_transformer(pipe, lat_mean, lat_std, pidx, s, ckpt_dir, progress, resume)}
+
+    return run_teacher_training(s, out_dir, progress, resume, body)

@@ -351,6 +351,39 @@ def _train_unet(pipe, lat_mean, lat_std, pidx, s: ToyTeacherSettings, ckpt_dir: 
 # ------------------------------------------------------------------------------------------ main
 
 
+def run_teacher_training(s, out_dir: str | Path, progress: Progress | None, resume: bool, body: Callable) -> Path:
+    """What training either toy teacher shares: the finished-run check (`DONE.json` with the same settings: nothing
+    to do), `settings.json`, the world's training images and their prompt indices, a progress bar unless `progress`
+    is given, the atomic save of `out_dir/pipeline` and `DONE.json` with the timings. `body(ckpt_dir, images, pidx,
+    progress)` trains and returns (the pipeline, the fields DONE.json records besides settings and timings)."""
+    out = Path(out_dir)
+    ckpt_dir, final, done_marker = out / "checkpoints", out / "pipeline", out / "DONE.json"
+    if resume and done_marker.exists() and (final / "model_index.json").exists():
+        if json.loads(done_marker.read_text()).get("settings") == s.model_dump(mode="json"):
+            return final
+    if not resume and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(json.dumps(s.model_dump(mode="json"), indent=2) + "\n")
+    close = lambda: None  # noqa: E731
+    if progress is None:
+        progress, close = _default_progress()
+    try:
+        t_start, cpu_start = time.time(), time.process_time()
+        world = get_world(s.world)
+        images, prompts = world.sample(s.n_train, s.seed)
+        index = {p: i for i, p in enumerate(world.prompts())}
+        pidx = torch.tensor([index[p] for p in prompts], dtype=torch.long)
+        pipe, info = body(ckpt_dir, images, pidx, progress)
+        save_pipeline_atomically(pipe, final)
+        done_marker.write_text(json.dumps({"settings": s.model_dump(mode="json"), **info,
+                                           "wall_s_this_run": time.time() - t_start,
+                                           "cpu_s_this_run": time.process_time() - cpu_start}, indent=2) + "\n")
+        return final
+    finally:
+        close()
+
+
 def train_toy_teacher(
     settings: ToyTeacherSettings,
     out_dir: str | Path,
@@ -364,34 +397,11 @@ def train_toy_teacher(
     With ``resume=False`` existing checkpoints are ignored (and overwritten).
     """
     s = settings
-    out = Path(out_dir)
-    ckpt_dir = out / "checkpoints"
-    final = out / "pipeline"
-    done_marker = out / "DONE.json"
-    if resume and done_marker.exists() and (final / "model_index.json").exists():
-        prev = json.loads(done_marker.read_text())
-        if prev.get("settings") == s.model_dump(mode="json"):
-            return final
-    if not resume and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps(s.model_dump(mode="json"), indent=2) + "\n")
 
-    close = lambda: None  # noqa: E731
-    if progress is None:
-        progress, close = _default_progress()
-    try:
-        t_start, cpu_start = time.time(), time.process_time()
-        world = get_world(s.world)
-        images, prompts = world.sample(s.n_train, s.seed)
-        all_prompts = world.prompts()
-        index = {p: i for i, p in enumerate(all_prompts)}
-        pidx = torch.tensor([index[p] for p in prompts], dtype=torch.long)
-
+    def body(ckpt_dir: Path, images: torch.Tensor, pidx: torch.Tensor, progress: Progress):
         pipe = _load_init_pipeline(ckpt_dir, s.seed)
         for m in (pipe.text_encoder, pipe.text_encoder_2):
             m.requires_grad_(False)
-
         vae_metrics = _train_vae(pipe, images, s, ckpt_dir, progress, resume)
         if s.vae_steps == 0 and (found := latest_checkpoint(ckpt_dir, "vae")) is not None:
             pipe.vae.load_state_dict(load_file(str(found[1] / "vae.safetensors")))
@@ -402,26 +412,8 @@ def train_toy_teacher(
         z = lat_mean[:k] + lat_std[:k] * torch.randn(lat_mean[:k].shape, generator=gs)
         scaling = float(1.0 / z.float().std())
         pipe.vae.register_to_config(scaling_factor=scaling)
-        del images
-
         unet_metrics = _train_unet(pipe, lat_mean, lat_std, pidx, s, ckpt_dir, progress, resume)
+        return pipe, {"scaling_factor": scaling, "latent_mean": float(z.mean()), "vae": vae_metrics,
+                      "unet": unet_metrics}
 
-        save_pipeline_atomically(pipe, final)
-        done_marker.write_text(
-            json.dumps(
-                {
-                    "settings": s.model_dump(mode="json"),
-                    "scaling_factor": scaling,
-                    "latent_mean": float(z.mean()),
-                    "vae": vae_metrics,
-                    "unet": unet_metrics,
-                    "wall_s_this_run": time.time() - t_start,
-                    "cpu_s_this_run": time.process_time() - cpu_start,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        return final
-    finally:
-        close()
+    return run_teacher_training(s, out_dir, progress, resume, body)
