@@ -68,6 +68,12 @@ VARIANTS = {  # key -> (label, overrides [, stages]); stage-2 variants start fro
     "ft-300": ("+ finetune, 300 iterations", ["finetune.iterations=300"], S3),
     "ft-dmd30": ("+ finetune, DMD 30", ["finetune.dmd_weight=30"], S3),
     "ft-reward0": ("+ finetune, reward 0", ["finetune.reward_weight=0"], S3),
+    "ft-fake1e-4": ("+ finetune, fake score lr 1e-4", ["finetune.fake_score_lr=1e-4"], S3),
+    "ft-ttur": ("+ finetune, fake score lr 1e-4, 5 fake updates per step (DMD2)",
+                ["finetune.fake_score_lr=1e-4", "finetune.fake_updates_per_step=5"], S3),
+    "ft-reward-only": ("+ finetune, reward only (DMD 0, GAN 0)", ["finetune.dmd_weight=0", "finetune.gan_weight=0"],
+                       S3),
+    "ft-dmd-late": ("+ finetune, DMD on t < 500 only", ["finetune.dmd_t_max=500"], S3),
     "ft-q2": ("+ finetune, clean latents from 2 steps", ["finetune.q=2"], S3),
     # the paper's order at toy size: the reward alone (half the steps), then DMD + GAN (the steps at half the batch)
     "ft-phases": ("+ finetune in phases: reward 75 it, then DMD + GAN 150 it at batch 8",
