@@ -15,19 +15,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from .data import get_world
-from .teacher import Progress, _encode_all, run_teacher_training, save_pipeline_atomically, train_denoiser
+from .teacher import (Progress, TeacherTrainingSettings, _encode_all, run_teacher_training, save_pipeline_atomically,
+                      train_denoiser)
 
 __all__ = ["ToyFlowTeacherSettings", "train_toy_flow_teacher"]
 
 
-class ToyFlowTeacherSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ToyFlowTeacherSettings(TeacherTrainingSettings):
     world: str = "toy-hard"
-    seed: int = 0
     n_train: int = Field(60_000, ge=16, description="procedural training images (world.sample(n_train, seed))")
     width: int = Field(128, ge=32, description="transformer width (heads x head_dim)")
     layers: int = Field(6, ge=1, description="joint (MMDiT) blocks")
@@ -37,15 +35,8 @@ class ToyFlowTeacherSettings(BaseModel):
     lr: float = 6e-4
     weight_decay: float = 0.0
     warmup_steps: int = 200
-    min_lr_ratio: float = Field(0.1, description="cosine decay of the lr to this fraction")
     logit_mean: float = Field(0.0, description="SD3's logit-normal timestep density: mean")
     logit_std: float = Field(1.0, gt=0, description="... and standard deviation")
-    ema_decay: float = 0.999
-    prompt_dropout: float = Field(0.1, ge=0.0, le=1.0)
-    grad_clip: float = 1.0
-    checkpoint_every: int = Field(250, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(25, ge=1)
 
 
 def _init_pipeline(ckpt_dir: Path, s: ToyFlowTeacherSettings):

@@ -39,12 +39,25 @@ __all__ = ["ToyTeacherSettings", "train_toy_teacher", "latest_checkpoint"]
 Progress = Callable[[str, int, int, dict], None]
 
 
-class ToyTeacherSettings(BaseModel):
+class TeacherTrainingSettings(BaseModel):
+    """What every toy teacher's training shares: the world, the data, and the fields `train_denoiser` reads."""
+
     model_config = ConfigDict(extra="forbid")
 
     world: str = "toy"
     seed: int = 0
     n_train: int = Field(40_000, ge=16, description="procedural training images (world.sample(n_train, seed))")
+    warmup_steps: int = 100
+    min_lr_ratio: float = Field(0.1, description="cosine decay of the lr to this fraction")
+    ema_decay: float = 0.999
+    prompt_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    grad_clip: float = 1.0
+    checkpoint_every: int = Field(250, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(25, ge=1)
+
+
+class ToyTeacherSettings(TeacherTrainingSettings):
     # VAE
     vae_steps: int = Field(1500, ge=0)
     vae_batch_size: int = Field(32, ge=1)
@@ -56,16 +69,7 @@ class ToyTeacherSettings(BaseModel):
     unet_batch_size: int = Field(64, ge=1)
     unet_lr: float = 1e-3
     unet_weight_decay: float = 0.0
-    warmup_steps: int = 100
-    min_lr_ratio: float = Field(0.1, description="cosine decay of the lr to this fraction")
     snr_gamma: float | None = Field(5.0, description="min-SNR loss weighting; None: plain MSE")
-    ema_decay: float = 0.999
-    prompt_dropout: float = Field(0.1, ge=0.0, le=1.0)
-    grad_clip: float = 1.0
-    # bookkeeping
-    checkpoint_every: int = Field(250, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(25, ge=1)
 
     @classmethod
     def for_world(cls, world: str = "toy", **overrides) -> "ToyTeacherSettings":
@@ -265,11 +269,11 @@ def _ema_update(ema: dict, model: torch.nn.Module, decay: float) -> None:
 
 
 def train_denoiser(net: torch.nn.Module, phase: str, batch_loss: Callable, *, steps: int, lr: float,
-                   weight_decay: float, seed: int, s, ckpt_dir: Path, progress: Progress, resume: bool) -> dict:
+                   weight_decay: float, seed: int, s: TeacherTrainingSettings, ckpt_dir: Path, progress: Progress, resume: bool) -> dict:
     """The teachers' training loop: AdamW with warmup + cosine lr, gradient clipping, EMA weights, checkpoints
     (`phase-NNNNNNN/` with the network, its EMA and the optimizer/RNG state) and resume. `batch_loss(g, step)`
     draws one batch from the generator `g` and returns (loss, per-sample MSE). `s` gives the shared bookkeeping
-    fields (warmup_steps, min_lr_ratio, ema_decay, grad_clip, checkpoint_every, keep_checkpoints, log_every). The
+    fields (TeacherTrainingSettings: the lr schedule, EMA, clipping, checkpoints, logging). The
     network ends with its EMA weights, in eval mode."""
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
@@ -351,7 +355,7 @@ def _train_unet(pipe, lat_mean, lat_std, pidx, s: ToyTeacherSettings, ckpt_dir: 
 # ------------------------------------------------------------------------------------------ main
 
 
-def run_teacher_training(s, out_dir: str | Path, progress: Progress | None, resume: bool, body: Callable) -> Path:
+def run_teacher_training(s: TeacherTrainingSettings, out_dir: str | Path, progress: Progress | None, resume: bool, body: Callable) -> Path:
     """What training either toy teacher shares: the finished-run check (`DONE.json` with the same settings: nothing
     to do), `settings.json`, the world's training images and their prompt indices, a progress bar unless `progress`
     is given, the atomic save of `out_dir/pipeline` and `DONE.json` with the timings. `body(ckpt_dir, images, pidx,
