@@ -160,15 +160,10 @@ def cmd_report(args) -> int:
 
 def cmd_toy_teacher(args) -> int:
     if args.flow:
-        from tlcm_core.toy import toy_teacher_path
         from tlcm_core.toy.flow_teacher import ToyFlowTeacherSettings, train_toy_flow_teacher
 
-        world = args.world or "toy-hard"
-        if not (toy_teacher_path(world) / "vae").is_dir():
-            print(f"error: the flow teacher takes the VAE of world {world!r}'s UNet teacher, which is not at "
-                  f"{toy_teacher_path(world)} (train it first: tlcm toy-teacher --world {world})", file=sys.stderr)
-            return 2
-        settings = ToyFlowTeacherSettings(world=world, **({"steps": args.steps} if args.steps else {}))
+        steps = {"steps": args.steps} if args.steps else {}
+        settings = ToyFlowTeacherSettings(world=args.world or "toy-hard", **steps)
         print(train_toy_flow_teacher(settings, args.out, resume=True))
         return 0
     from tlcm_core.toy.teacher import ToyTeacherSettings, train_toy_teacher

@@ -76,6 +76,18 @@ def test_train_flow_teacher_interrupt_resume_and_learn(tmp_path):
     assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
 
 
+def test_flow_teacher_without_the_worlds_vae_is_one_clear_error(tmp_path, monkeypatch):
+    """The flow teacher borrows the world's UNet teacher's VAE: without it, a UserError naming the fix before any
+    data is drawn or folder written (the CLI prints it as one line; the toy-teacher flow fails with it)."""
+    import tlcm_core.toy as toy
+    from tlcm_core.errors import UserError
+
+    monkeypatch.setattr(toy, "toy_teacher_path", lambda world, kind="unet": tmp_path / "missing" / world)
+    with pytest.raises(UserError, match="tlcm toy-teacher --world toy-hard"):
+        train_toy_flow_teacher(_tiny(), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_toy_teacher_flow_publishes_the_flow_kind(tmp_path):
     """The toy-teacher deployment's function trains the flow kind when asked (locally here; the upload is the UNet
     teacher's code path, tested in test_dispatch) and refuses an unknown kind before any work."""

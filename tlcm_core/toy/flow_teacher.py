@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
+from ..errors import UserError
 from .data import get_world
 from .teacher import (Progress, TeacherTrainingSettings, _encode_all, run_teacher_training, save_pipeline_atomically,
                       train_denoiser)
@@ -94,8 +95,13 @@ def _train_transformer(pipe, lat_mean, lat_std, pidx, s: ToyFlowTeacherSettings,
 def train_toy_flow_teacher(settings: ToyFlowTeacherSettings, out_dir: str | Path, progress: Progress | None = None,
                            resume: bool = True) -> Path:
     """Train (or resume) the toy flow teacher; returns `out_dir/"pipeline"` (a diffusers SD3 folder). `progress` and
-    `resume` as `train_toy_teacher`."""
+    `resume` as `train_toy_teacher`. The world's UNet teacher must be there: its VAE is the flow teacher's."""
+    from . import toy_teacher_path
+
     s = settings
+    if not (toy_teacher_path(s.world) / "vae").is_dir():
+        raise UserError(f"the flow teacher takes the VAE of world {s.world!r}'s UNet teacher, which is not at "
+                        f"{toy_teacher_path(s.world)} (train it first: tlcm toy-teacher --world {s.world})")
 
     def body(ckpt_dir: Path, images: torch.Tensor, pidx: torch.Tensor, progress: Progress):
         pipe = _init_pipeline(ckpt_dir, s)
