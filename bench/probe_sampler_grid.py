@@ -52,7 +52,10 @@ def main() -> None:
     rows = []
     try:
         for grid in grids:
-            evaluation.sampler_timesteps = lambda k, bounds, grid=grid: list(grid) if k == n else official(k, bounds)
+            def fixed(k, bounds, *rest, grid=grid):
+                return list(grid) if k == n else official(k, bounds, *rest)
+
+            evaluation.sampler_timesteps = fixed
             row = next(r for r in evaluation.evaluate_rows(cfg, state, [n], SilentReporter())
                        if not r["method"].startswith("teacher"))
             if schedule is None:

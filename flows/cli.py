@@ -76,6 +76,8 @@ def cmd_eval(args) -> int:
         args.overrides.append(f"evaluate.num_samples={args.samples}")
     if args.sampler:
         args.overrides.append(f"evaluate.sampler={args.sampler}")
+    if args.milestone_grid:
+        args.overrides.append(f"evaluate.milestone_grid={args.milestone_grid}")
     cfg = _load(args)
     steps = _int_list("--steps", args.steps)
     teacher_steps = _int_list("--teacher-steps", args.teacher_steps) if args.teacher_steps else None
@@ -198,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--teacher-steps", default=None, help="also evaluate the teacher at these step counts")
     e.add_argument("--samples", type=int, default=None, help="samples per row (default evaluate.num_samples)")
     e.add_argument("--sampler", choices=["renoise", "multistep"], default=None)
+    e.add_argument("--milestone-grid", choices=["official", "sigma"], default=None,
+                   help="which milestones N steps visit (default evaluate.milestone_grid; docs/flow-matching.md)")
     e.add_argument("--lora-format", choices=["auto", "tlcm", "diffusers"], default="auto",
                    help="auto: tlcm when the file has tlcm-lora/1 metadata, else diffusers (diffusers' "
                    "load_lora_weights: diffusers or kohya keys, e.g. LCM-LoRA, TCD, PCM, Hyper-SD, DMD2, Lightning)")

@@ -40,6 +40,7 @@ def cmd_export(args) -> int:
     segments = lf.segments or cfg.schedule.segments
     files = export_files(lf.state, lf.metadata, list(cfg.export.formats), unet_config, sched_config,
                          segments=segments, sampler=cfg.export.sampler, steps=cfg.export.steps,
+                         milestone_grid=cfg.export.milestone_grid,
                          kohya_naming=cfg.export.kohya_naming, training=training, metrics=metrics, where=lf.url)
     for url in write_files(files, args.out):
         print(url)
@@ -83,9 +84,10 @@ def cmd_generate(args) -> int:
               file=sys.stderr)
     segments = args.segments or lf.segments or 8
     sampler = args.sampler or lf.sampler or "renoise"
+    grid = args.milestone_grid or lf.milestone_grid or "official"
     try:
         images = generate(teacher, lf.state, prompts, args.steps, args.seed, lora=lf.config, segments=segments,
-                          sampler=sampler, batch_size=args.batch_size, device=args.device)
+                          sampler=sampler, milestone_grid=grid, batch_size=args.batch_size, device=args.device)
     except ValueError as e:  # e.g. more steps than segments
         if isinstance(e, UserError):
             raise
@@ -143,6 +145,9 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--segments", type=int, default=None, help="milestone segments M (default: from the LoRA's "
                    "artifact or export, else 8)")
     g.add_argument("--sampler", choices=["renoise", "multistep"], default=None)
+    g.add_argument("--milestone-grid", choices=["official", "sigma"], default=None,
+                   help="which milestones N steps visit: the release's index grid, or those at evenly spaced noise "
+                   "levels (default: from an export folder's scheduler config, else official)")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     g.add_argument("--scale", type=int, default=0, help="nearest-neighbour upscale of the saved PNGs; 0 = automatic "

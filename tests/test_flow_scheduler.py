@@ -71,7 +71,8 @@ def _sd3_x0_fn(pipe, fs: FlowSchedule):
 
 
 @torch.no_grad()
-def reference_latents(family: str, pipe, base_config: dict, steps: int, seed: int, mode: str) -> torch.Tensor:
+def reference_latents(family: str, pipe, base_config: dict, steps: int, seed: int, mode: str,
+                      grid: str = "official") -> torch.Tensor:
     """x_T and the re-noising drawn from one CPU generator, as tlcm_sample draws them."""
     n = len(PROMPTS)
     g = torch.Generator().manual_seed(seed)
@@ -83,7 +84,7 @@ def reference_latents(family: str, pipe, base_config: dict, steps: int, seed: in
     else:
         fs = FlowSchedule.from_config(base_config)
         x0_fn = _sd3_x0_fn(pipe, fs)
-    return tlcm_sample(x0_fn, x_T, sampler_timesteps(steps, milestones(1000, 8)), fs, mode=mode, generator=g)
+    return tlcm_sample(x0_fn, x_T, sampler_timesteps(steps, milestones(1000, 8), grid, fs), fs, mode=mode, generator=g)
 
 
 def pipeline_latents(family: str, pipe, steps: int, seed: int) -> torch.Tensor:
@@ -111,35 +112,38 @@ def _record_transformer_calls(transformer) -> tuple[list, object]:
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
-@pytest.mark.parametrize("steps,mode", [(2, "renoise"), (4, "renoise"), (4, "multistep")])
-def test_scheduler_in_stock_pipeline_equals_tlcm_sample(pipes, family, steps, mode):
+@pytest.mark.parametrize("steps,mode,grid", [(2, "renoise", "official"), (4, "renoise", "official"),
+                                            (4, "multistep", "official"), (2, "renoise", "sigma"),
+                                            (3, "multistep", "sigma")])
+def test_scheduler_in_stock_pipeline_equals_tlcm_sample(pipes, family, steps, mode, grid):
     """Bit-exact (torch.equal): the same float64 sigmas cast to float32 at the same points, the same float32
-    operations in the same order, the same transformer inputs and the same noise draws."""
+    operations in the same order, the same transformer inputs and the same noise draws; on either milestone grid
+    (the sigma grid chosen at the shift FLUX's pipeline passes for this image size)."""
     pipe = pipes[family]
     base = pipe.scheduler
     try:
-        pipe.scheduler = FlowMatchTLCMScheduler.from_base(base.config, sampler=mode)
+        pipe.scheduler = FlowMatchTLCMScheduler.from_base(base.config, sampler=mode, milestone_grid=grid)
         calls, handle = _record_transformer_calls(pipe.transformer)
         try:
             out = pipeline_latents(family, pipe, steps, seed=3)
         finally:
             handle.remove()
-        ref = reference_latents(family, pipe, dict(base.config), steps, seed=3, mode=mode)
+        ref = reference_latents(family, pipe, dict(base.config), steps, seed=3, mode=mode, grid=grid)
         assert torch.equal(out, ref), (out - ref).abs().max()
         # one transformer pass per step, on the batch itself (no CFG batch)
         assert len(calls) == steps and all(n == len(PROMPTS) for _, n in calls)
-        _check_visited_sigmas(family, pipe.scheduler, dict(base.config), [t for t, _ in calls], steps)
+        _check_visited_sigmas(family, pipe.scheduler, dict(base.config), [t for t, _ in calls], steps, grid)
     finally:
         pipe.scheduler = base
 
 
-def _check_visited_sigmas(family, sched, base_config, timesteps, steps):
+def _check_visited_sigmas(family, sched, base_config, timesteps, steps, grid="official"):
     """The transformer saw the milestones' shifted training sigmas, and diffusers' own scheduler gives the same
     sigmas for those indices (up to its float32 arithmetic)."""
-    idx = sampler_timesteps(steps, milestones(1000, 8))
-    assert sched.step_indices.tolist() == idx
     seq = (RES // 4) ** 2 if family == "flux" else None
     fs = FlowSchedule.from_config(base_config, image_seq_len=seq)
+    idx = sampler_timesteps(steps, milestones(1000, 8), grid, fs)
+    assert sched.step_indices.tolist() == idx
     assert torch.equal(sched._sigmas64, fs.sigmas[idx])
     expected = fs.model_timestep(torch.tensor(idx)).float()
     seen = torch.stack([t[0] for t in timesteps])

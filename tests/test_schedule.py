@@ -154,3 +154,75 @@ def test_the_exported_scheduler_visits_the_same_timesteps_as_our_sampler():
         assert tlcm_milestones(1000, segments) == b
         for n in range(1, segments + 1):
             assert tlcm_sampler_timesteps(n, b) == sampler_timesteps(n, b), (segments, n)
+
+
+def test_level_spaced_is_the_exact_best_subset():
+    """The DP against brute force over every subset that starts at the noisiest milestone."""
+    import itertools
+
+    from tlcm_core.schedule import level_spaced
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        M = int(torch.randint(2, 10, (1,), generator=g))
+        levels = sorted(torch.rand(M, generator=g, dtype=torch.float64).tolist(), reverse=True)
+        upper = list(range(100 * M, 0, -100))
+        for n in range(1, M + 1):
+            targets = [1 - k / n for k in range(n)]
+            best = min(sum(abs(levels[i] - t) for i, t in zip((0, *rest), targets))
+                       for rest in itertools.combinations(range(1, M), n - 1))
+            got = level_spaced(upper, levels, n)
+            assert len(got) == n and got[0] == upper[0] and got == sorted(got, reverse=True), (trial, n)
+            cost = sum(abs(levels[upper.index(t)] - tt) for t, tt in zip(got, targets))
+            assert cost == pytest.approx(best, abs=1e-12), (trial, n, got)
+
+
+def test_sigma_grid_places_the_steps_at_evenly_spaced_noise_levels():
+    from tlcm_core.flow_schedule import FlowSchedule
+
+    b = milestones(1000, 8)
+    sd3 = FlowSchedule.from_config({"shift": 3.0})  # SD3 / the toy flow teacher: sigma 0.75 at index 499
+    assert sampler_timesteps(2, b, "sigma", sd3) == [999, 249]  # sigma 1, 0.5
+    assert sampler_timesteps(3, b, "sigma", sd3) == [999, 374, 124]
+    assert sampler_timesteps(4, b, "sigma", sd3) == [999, 499, 249, 124]  # sigma 1, 0.75, 0.5, 0.3
+    assert sampler_timesteps(8, b, "sigma", sd3) == sampler_timesteps(8, b)
+    unshifted = FlowSchedule.from_config({"shift": 1.0})  # levels (t+1)/T: the sigma grid is the index grid
+    assert sampler_timesteps(2, b, "sigma", unshifted) == [999, 499]
+    sdxl = NoiseSchedule.from_config({})  # levels s/(a+s) of the equivalent flow
+    assert sampler_timesteps(2, b, "sigma", sdxl) == [999, 374]
+    for n in range(1, 9):  # the official grid is untouched by the option
+        assert sampler_timesteps(n, b, "official", sd3) == sampler_timesteps(n, b)
+    with pytest.raises(ValueError, match="schedule"):
+        sampler_timesteps(2, b, "sigma")
+    with pytest.raises(ValueError, match="milestone grid"):
+        sampler_timesteps(2, b, "karras", sd3)
+
+
+def test_the_exported_schedulers_pick_the_same_sigma_grid():
+    """Both shipped schedulers keep their own copy of the rule; every step count, grid and shift agrees."""
+    from tlcm_core.flow_schedule import FlowSchedule, calculate_mu
+    from tlcm_core.flow_scheduler import FlowMatchTLCMScheduler
+    from tlcm_core.scheduler import TLCMScheduler
+
+    for T, M in [(1000, 8), (1000, 4), (1000, 16), (500, 8)]:
+        b = milestones(T, M)
+        for n in range(1, M + 1):
+            for shift in (1.0, 3.0, 6.0):
+                s = FlowMatchTLCMScheduler(num_train_timesteps=T, segments=M, shift=shift, milestone_grid="sigma")
+                s.set_timesteps(n)
+                fs = FlowSchedule.from_config({"num_train_timesteps": T, "shift": shift})
+                assert s.step_indices.tolist() == sampler_timesteps(n, b, "sigma", fs), (T, M, n, shift)
+            dyn = {"num_train_timesteps": T, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                   "base_image_seq_len": 256, "max_image_seq_len": 4096}
+            s = FlowMatchTLCMScheduler(**dyn, segments=M, milestone_grid="sigma")
+            s.set_timesteps(n, mu=calculate_mu(4096))
+            fs = FlowSchedule.from_config(dyn, image_seq_len=4096)
+            assert s.step_indices.tolist() == sampler_timesteps(n, b, "sigma", fs), (T, M, n, "dynamic")
+            u = TLCMScheduler(num_train_timesteps=T, segments=M, milestone_grid="sigma")
+            u.set_timesteps(n)
+            ns = NoiseSchedule.from_config({"num_train_timesteps": T})
+            assert u.timesteps.tolist() == sampler_timesteps(n, b, "sigma", ns), (T, M, n, "unet")
+    with pytest.raises(ValueError, match="milestone_grid"):
+        FlowMatchTLCMScheduler(milestone_grid="even")
+    with pytest.raises(ValueError, match="milestone_grid"):
+        TLCMScheduler(milestone_grid="even")

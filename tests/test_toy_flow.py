@@ -172,9 +172,23 @@ def test_toy_flow_fast_runs_every_stage_and_exports_for_stock_sd3(tmp_path):
     assert {(r["method"], r["steps"]) for r in rows} == {("teacher-euler", 2)} | {
         ("tlcm-renoise", s) for s in (1, 2, 4)}
     assert all({f"acc_{a}" for a in get_world(HARD).attributes} <= set(r) for r in rows)
+    # the preset's sigma grid: 2 steps at sigma 1 and 0.5 (the index grid would visit 999, 499: sigma 0.75)
+    visited = {r["steps"]: r["timesteps"] for r in rows if r["method"] == "tlcm-renoise"}
+    assert visited == {1: [999], 2: [999, 249], 4: [999, 499, 249, 124]}
 
     export = next(r for r in results if r.stage == "export")
     folder = tmp_path / "export" / export.fingerprint
+    # the exported scheduler samples on the grid the evaluation measured, inside the stock pipeline
+    from tlcm_core.flow_scheduler import FlowMatchTLCMScheduler
+
+    sched = FlowMatchTLCMScheduler.from_pretrained(folder / "scheduler")
+    assert sched.config.milestone_grid == "sigma"
+    sched.set_timesteps(2)
+    assert sched.step_indices.tolist() == visited[2]
+    assert "2 steps: 999, 249" in (folder / "README.md").read_text()
+    from tlcm_core.lora import read_lora
+
+    assert read_lora(str(folder)).milestone_grid == "sigma"  # what `tlcm generate` on the folder samples with
     pipe = StableDiffusion3Pipeline.from_pretrained(FLOW)
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     pipe.load_lora_weights(folder / "diffusers", adapter_name="tlcm")

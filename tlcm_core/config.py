@@ -381,6 +381,9 @@ class EvaluateConfig(Section):
     num_samples: int = Field(256, ge=1)
     batch_size: int = Field(64, ge=1)
     sampler: Literal["renoise", "multistep"] = "renoise"
+    # which N of the M milestones an N-step sampler visits: the official release's index grid, or the milestones at
+    # evenly spaced noise levels (sigma; what a flow teacher under a large shift wants: docs/flow-matching.md)
+    milestone_grid: Literal["official", "sigma"] = "official"
     seed: int = Field(1234, ge=0)
     grid_size: int = Field(16, ge=0, description="images in the sample grid per step count (0: none)")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -398,6 +401,7 @@ class ExportConfig(Section):
     # every format by default (with kohya comes comfyui/tlcm_workflow.json): users load the one their tool takes
     formats: list[Literal["diffusers", "kohya", "peft"]] = Field(default_factory=lambda: ["diffusers", "kohya", "peft"])
     sampler: Literal["renoise", "multistep"] = "renoise"  # the exported TLCMScheduler's sampler
+    milestone_grid: Literal["official", "sigma"] = "official"  # ... and its milestone grid (as evaluate's)
     steps: int = Field(4, ge=1, le=64, description="step count the model card's usage snippet shows")
     # kohya key names: sgm (input_blocks_*, as kohya trains SDXL), diffusers (down_blocks_*, as for SD 1.x/2.x), auto
     kohya_naming: Literal["auto", "sgm", "diffusers"] = "auto"

@@ -127,12 +127,16 @@ class Sampler:
         """x0 latents from x_T: the student's TLCM sampler, or the teacher's own baseline (samplers.teacher_sample:
         DDIM + CFG on trailing timesteps, or a flow teacher's Euler on its stock pipeline's shifted sigma grid)."""
         if self.student:
-            bounds = bounds if bounds is not None else milestones(self.schedule.T, self.cfg.schedule.segments)
-            return tlcm_sample(student_x0_fn(self.denoiser, cond), x_T, sampler_timesteps(steps, bounds),
+            return tlcm_sample(student_x0_fn(self.denoiser, cond), x_T, self.milestones(steps, bounds),
                                self.schedule, mode=mode, generator=generator)
         unc = self.uncond.to(self.device, x_T.dtype)
         return teacher_sample(self.denoiser, x_T, steps, cond, unc, self.cfg.schedule.guidance,
                               teacher_grid(self.pipe, self.cfg.teacher.resolution, steps))
+
+    def milestones(self, steps: int, bounds=None) -> list[int]:
+        """The milestone timesteps the student's `steps`-step sampler visits (evaluate.milestone_grid)."""
+        bounds = bounds if bounds is not None else milestones(self.schedule.T, self.cfg.schedule.segments)
+        return sampler_timesteps(steps, bounds, self.cfg.evaluate.milestone_grid, self.schedule)
 
     def sample(self, steps: int, n: int, seed: int, batch_size: int, mode: str = "renoise"
                ) -> tuple[torch.Tensor, list[str], float]:
@@ -615,6 +619,8 @@ def _sample_row(cfg: PipelineConfig, sampler: Sampler, method: str, n_steps: int
         seconds, done = seconds + sec, done + len(images)
         reporter.progress(f"evaluate {name}", done, ev.num_samples)
     row = {"method": method, "steps": n_steps, "samples": ev.num_samples, "seconds_per_image": round(seconds / done, 5)}
+    if student and not isinstance(sampler, SchedulerSampler):  # the TLCM sampler: where it evaluated the LoRA
+        row["timesteps"] = sampler.milestones(n_steps)
     if metrics is not None:
         row.update(metrics.compute())
     return row, shown, shown_prompts

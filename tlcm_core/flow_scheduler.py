@@ -11,12 +11,13 @@ value is whatever the LoRA was distilled with):
 
 `set_timesteps(N)` visits the TLCM milestones (indices 999, 499 for N = 2; 999, 749, 499, 124 for N = 4, ...) at the
 base model's training sigmas: index t has the unshifted level (t+1)/T, shifted by the fixed `shift` (SD3) or by the
-resolution-dependent `mu` the pipeline passes (FLUX, `use_dynamic_shifting`). `timesteps` holds sigma * T, as
-diffusers' flow schedulers do. Each `step` turns the velocity into x0 = x - sigma v, then re-noises x0 to the next
-milestone's sigma with fresh noise (`sampler="renoise"`, the official release's flow scheduler) or takes the
-deterministic DDIM jump there (`sampler="multistep"`, x + (sigma_next - sigma) v); the last step returns x0 as
-`prev_sample`. Per step this is exactly `tlcm_core.samplers.tlcm_sample` on `tlcm_core.flow_schedule.FlowSchedule`:
-the same float64 sigmas, the same operations in the same order, the same noise draws (tests/test_flow_scheduler.py).
+resolution-dependent `mu` the pipeline passes (FLUX, `use_dynamic_shifting`); with `milestone_grid="sigma"` it visits
+the milestones whose sigmas are nearest to evenly spaced ones instead (999, 249 for N = 2 under shift 3). `timesteps`
+holds sigma * T, as diffusers' flow schedulers do. Each `step` turns the velocity into x0 = x - sigma v, then re-noises
+x0 to the next milestone's sigma with fresh noise (`sampler="renoise"`, the official release's flow scheduler) or takes
+the deterministic DDIM jump there (`sampler="multistep"`, x + (sigma_next - sigma) v); the last step returns x0 as
+`prev_sample`. Per step this is exactly `tlcm_core.samplers.tlcm_sample` on `tlcm_core.flow_schedule.FlowSchedule`: the
+same float64 sigmas, the same operations in the same order, the same noise draws (tests/test_flow_scheduler.py).
 
 Fresh noise comes from the `generator` passed to `step`, else from the one given to `set_noise_generator` (pass the
 pipeline's own generator object: the images are then those of tlcm_sample with that generator), else from torch's
@@ -40,6 +41,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 SAMPLERS = ("renoise", "multistep")
+MILESTONE_GRIDS = ("official", "sigma")  # see set_timesteps
 TIME_SHIFT_TYPES = ("exponential", "linear")
 # FlowMatchEulerDiscreteScheduler options that change the sigma <-> time relation or only shape its own Euler grid
 UNSUPPORTED_OPTIONS = ("shift_terminal", "invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas",
@@ -64,15 +66,36 @@ def tlcm_milestones(num_train_timesteps: int, segments: int) -> list[int]:
     return [int(v) for v in pts.tolist()]
 
 
-def tlcm_sampler_timesteps(n_steps: int, bounds: list[int]) -> list[int]:
-    """The milestone indices an N-step TLCM sampler visits (same rule as tlcm_core.schedule.sampler_timesteps)."""
+def tlcm_sampler_timesteps(n_steps: int, bounds: list[int], grid: str = "official",
+                           levels: list[float] | None = None) -> list[int]:
+    """The milestone indices an N-step TLCM sampler visits (same rule as tlcm_core.schedule.sampler_timesteps):
+    grid "sigma" takes `levels`, the noise levels of the upper milestones (descending bounds minus the last)."""
     upper = sorted(bounds, reverse=True)[:-1]
-    if upper == OFFICIAL_SAMPLER_TIMESTEPS[8] and n_steps in OFFICIAL_SAMPLER_TIMESTEPS:
-        return list(OFFICIAL_SAMPLER_TIMESTEPS[n_steps])
     if n_steps >= len(upper):
         return upper
+    if grid == "sigma":
+        return level_spaced(upper, levels, n_steps)
+    if upper == OFFICIAL_SAMPLER_TIMESTEPS[8] and n_steps in OFFICIAL_SAMPLER_TIMESTEPS:
+        return list(OFFICIAL_SAMPLER_TIMESTEPS[n_steps])
     idx = torch.linspace(0, len(upper), n_steps + 1, dtype=torch.float64)[:-1].floor().long().tolist()
     return [upper[i] for i in idx]
+
+def level_spaced(upper: list[int], levels: list[float], n_steps: int) -> list[int]:
+    """The `n_steps` of the milestones `upper` (descending; `levels` their noise levels) closest in total
+    |level - target| to 1, 1 - 1/N, ..., 1/N, the noisiest first (same rule as tlcm_core.schedule.level_spaced)."""
+    M, targets = len(upper), [1 - k / n_steps for k in range(n_steps)]
+    cost = {(0, 0): 0.0}
+    back: dict[tuple[int, int], int] = {}
+    for k in range(1, n_steps):
+        for i in range(k, M - (n_steps - 1 - k)):
+            j = min((j for j in range(k - 1, i) if (k - 1, j) in cost), key=lambda j: cost[(k - 1, j)])
+            cost[(k, i)], back[(k, i)] = cost[(k - 1, j)] + abs(levels[i] - targets[k]), j
+    i = min((i for i in range(M) if (n_steps - 1, i) in cost), key=lambda i: cost[(n_steps - 1, i)])
+    picks = [i]
+    for k in range(n_steps - 1, 0, -1):
+        i = back[(k, i)]
+        picks.append(i)
+    return [upper[i] for i in reversed(picks)]
 
 
 def shifted_sigmas(indices: torch.Tensor, T: int, shift: float, mu: float | None, time_shift_type: str) -> torch.Tensor:
@@ -113,9 +136,12 @@ class FlowMatchTLCMScheduler(SchedulerMixin, ConfigMixin):
         time_shift_type: str = "exponential",
         segments: int = 8,
         sampler: str = "renoise",
+        milestone_grid: str = "official",
     ):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler={sampler!r}; use one of {', '.join(SAMPLERS)}")
+        if milestone_grid not in MILESTONE_GRIDS:
+            raise ValueError(f"milestone_grid={milestone_grid!r}; use one of {', '.join(MILESTONE_GRIDS)}")
         if time_shift_type not in TIME_SHIFT_TYPES:
             raise ValueError(f"time_shift_type={time_shift_type!r}; supported: {', '.join(TIME_SHIFT_TYPES)}")
         if not 1 <= segments < num_train_timesteps:
@@ -139,6 +165,9 @@ class FlowMatchTLCMScheduler(SchedulerMixin, ConfigMixin):
         FluxPipeline calls `set_timesteps(sigmas=linspace(1, 1/N, N), mu=...)` (its default Euler grid, which only
         carries N here); other sigmas are refused, since a TLCM LoRA samples only at its milestones. `mu` sets the
         dynamic shift (required with `use_dynamic_shifting`, ignored otherwise, as in FlowMatchEulerDiscreteScheduler).
+        Which N milestones: `milestone_grid="official"` the release's indices (999, 499 for N = 2); `"sigma"` those
+        whose shifted sigmas are nearest to 1, 1 - 1/N, ..., 1/N (999, 249 for N = 2 under SD3's shift 3), chosen at
+        this call's shift, so under FLUX's dynamic shift they may change with the image size.
         """
         M = self.config.segments
         if sigmas is not None:
@@ -154,7 +183,13 @@ class FlowMatchTLCMScheduler(SchedulerMixin, ConfigMixin):
                              f"timesteps, so use 1..{M} steps (2-8 for the paper's LoRAs)")
         if self.config.use_dynamic_shifting and mu is None:
             raise ValueError("use_dynamic_shifting=True: pass mu (the pipelines compute it from the image size)")
-        self._set_indices(tlcm_sampler_timesteps(num_inference_steps, self.milestones), mu, device)
+        c = self.config
+        upper = torch.tensor(self.milestones[:-1], dtype=torch.long)
+        dynamic = c.use_dynamic_shifting  # the levels of the upper milestones at this sampling's shift
+        levels = shifted_sigmas(upper, c.num_train_timesteps, 1.0 if dynamic else c.shift, mu if dynamic else None,
+                                c.time_shift_type).tolist()
+        self._set_indices(tlcm_sampler_timesteps(num_inference_steps, self.milestones, c.milestone_grid, levels),
+                          mu, device)
         self.num_inference_steps = num_inference_steps
 
     def _set_indices(self, indices: list[int], mu: float | None, device=None) -> None:

@@ -47,8 +47,9 @@ def check_base(lora: LoRAFile, teacher: TeacherConfig) -> None:
 
 
 def tlcm_pipeline(teacher: TeacherConfig, lora_state: dict[str, torch.Tensor], lora: LoRAConfig, *,
-                  segments: int = 8, sampler: str = "renoise", device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None, extra_loras: Sequence[tuple[Any, float]] = ()):
+                  segments: int = 8, sampler: str = "renoise", milestone_grid: str = "official",
+                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                  extra_loras: Sequence[tuple[Any, float]] = ()):
     """The base pipeline with the LoRA loaded (as in training: PEFT adapter `tlcm`), merged into the network's
     weights (UNet or transformer) for sampling speed, and the TLCM scheduler of its family.
 
@@ -68,7 +69,8 @@ def tlcm_pipeline(teacher: TeacherConfig, lora_state: dict[str, torch.Tensor], l
     for name in stack_loras(pipe, extra_loras):
         merge_lora(net, name)
     scheduler = TLCMScheduler if family.name == "unet" else FlowMatchTLCMScheduler
-    pipe.scheduler = scheduler.from_base(pipe.scheduler.config, segments=segments, sampler=sampler)
+    pipe.scheduler = scheduler.from_base(pipe.scheduler.config, segments=segments, sampler=sampler,
+                                         milestone_grid=milestone_grid)
     return pipe
 
 
@@ -95,18 +97,20 @@ def stack_loras(pipe, extra_loras: Sequence[tuple[Any, float]]) -> list[str]:
 @torch.no_grad()
 def generate(base: str | TeacherConfig | None, lora_state: dict[str, torch.Tensor], prompts: list[str], steps: int,
              seed: int, *, lora: LoRAConfig, resolution: int | None = None, segments: int = 8,
-             sampler: str = "renoise", batch_size: int = 8, device: torch.device | str | None = None,
-             dtype: torch.dtype | None = None, output_type: str = "pil", pipe=None):
+             sampler: str = "renoise", milestone_grid: str = "official", batch_size: int = 8,
+             device: torch.device | str | None = None, dtype: torch.dtype | None = None, output_type: str = "pil",
+             pipe=None):
     """Images (PIL, or latents with output_type="latent") for `prompts`; image i from generator seed + i.
 
-    `pipe` reuses a pipeline from `tlcm_pipeline` (then base/lora_state/segments/sampler are not read again).
+    `pipe` reuses a pipeline from `tlcm_pipeline` (then base/lora_state/segments/sampler/milestone_grid are not read
+    again).
     """
     if not prompts:
         raise ValueError("no prompts to generate")
     teacher = base if isinstance(base, TeacherConfig) else TeacherConfig(source=base) if base is not None else None
     if pipe is None:
-        pipe = tlcm_pipeline(teacher, lora_state, lora, segments=segments, sampler=sampler, device=device,
-                             dtype=dtype)
+        pipe = tlcm_pipeline(teacher, lora_state, lora, segments=segments, sampler=sampler,
+                             milestone_grid=milestone_grid, device=device, dtype=dtype)
     flow = family_of(pipe).name != "unet"
     # default size: the base's own (what its pipeline would use), e.g. 1024 for SDXL and FLUX, 32 for the toy world
     res = resolution or (teacher.resolution if isinstance(base, TeacherConfig) else None) or \

@@ -246,6 +246,7 @@ class LoRAFile:
     base: dict  # teacher_identity of the base model it was trained on
     segments: int | None = None  # from the stage manifest or an exported scheduler config, when next to the file
     sampler: str | None = None
+    milestone_grid: str | None = None
 
     @property
     def family(self) -> str:
@@ -298,13 +299,13 @@ def _read_file(ref: str) -> LoRAFile:
     metadata = dict(header.get("__metadata__") or {})
     config = check_lora(state, metadata, where=url)
     base = json.loads(metadata.get("base_model", "{}"))
-    segments = sampler = None
+    segments = sampler = grid = None
     if not ref.endswith(".safetensors"):
         manifest = _read(f"{root}/manifest.json")
         sched = _read(f"{root}/scheduler/scheduler_config.json")
         if sched is not None:
             sc = json.loads(sched)
-            segments, sampler = sc.get("segments"), sc.get("sampler")
+            segments, sampler, grid = sc.get("segments"), sc.get("sampler"), sc.get("milestone_grid")
         elif manifest is not None:
             segments = json.loads(manifest).get("config", {}).get("schedule", {}).get("segments")
-    return LoRAFile(state, metadata, url, config, base, segments, sampler)
+    return LoRAFile(state, metadata, url, config, base, segments, sampler, grid)

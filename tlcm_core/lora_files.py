@@ -34,8 +34,9 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -199,9 +200,12 @@ class Usage:
     sampler: str = "renoise"
     num_train_timesteps: int = 1000
     prediction_type: str = "epsilon"
+    milestone_grid: str = "official"
+    schedule: Any = field(default=None, compare=False, repr=False)  # the base's noise levels (the sigma grid's input)
 
     def tlcm_timesteps(self, n: int) -> list[int]:
-        return sampler_timesteps(n, milestones(self.num_train_timesteps, self.segments))
+        return sampler_timesteps(n, milestones(self.num_train_timesteps, self.segments), self.milestone_grid,
+                                 self.schedule)
 
     def comfy_timesteps(self, n: int) -> list[int]:
         return comfy_simple_timesteps(n, self.num_train_timesteps)
@@ -216,10 +220,21 @@ class Usage:
                 f"sampler {COMFY_SAMPLER[self.sampler]}, scheduler {COMFY_SCHEDULER}, LoRA strength 1.0")
 
 
-def usage_for(scheduler_config: dict, *, segments: int, sampler: str = "renoise", steps: int = 4) -> Usage:
+def usage_for(scheduler_config: dict, *, segments: int, sampler: str = "renoise", steps: int = 4,
+              milestone_grid: str = "official", flow: bool = False, image_seq_len: int | None = None) -> Usage:
+    """`flow`: a flow-matching base (its scheduler config is a FlowMatchEulerDiscreteScheduler's); `image_seq_len`:
+    its image tokens at the base resolution, which the sigma grid needs under FLUX's resolution-dependent shift."""
+    from .flow_schedule import FlowSchedule
+    from .schedule import NoiseSchedule
+
+    schedule = None
+    if milestone_grid == "sigma":
+        schedule = (FlowSchedule.from_config(scheduler_config, image_seq_len) if flow
+                    else NoiseSchedule.from_config(scheduler_config))
     return Usage(steps=steps, segments=segments, sampler=sampler,
                  num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
-                 prediction_type=scheduler_config.get("prediction_type", "epsilon"))
+                 prediction_type=scheduler_config.get("prediction_type", "epsilon"), milestone_grid=milestone_grid,
+                 schedule=schedule)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -340,10 +355,12 @@ def to_peft(state: dict[str, torch.Tensor], lora: LoRAConfig, base: dict,
     return tensors, config
 
 
-def scheduler_files(base_scheduler_config: dict, segments: int, sampler: str) -> dict[str, bytes]:
+def scheduler_files(base_scheduler_config: dict, segments: int, sampler: str,
+                    milestone_grid: str = "official") -> dict[str, bytes]:
     from .scheduler import TLCMScheduler
 
-    sched = TLCMScheduler.from_base(base_scheduler_config, segments=segments, sampler=sampler)
+    sched = TLCMScheduler.from_base(base_scheduler_config, segments=segments, sampler=sampler,
+                                    milestone_grid=milestone_grid)
     source = (Path(__file__).parent / "scheduler.py").read_bytes()
     return {SCHEDULER_CONFIG: sched.to_json_string().encode(), SCHEDULER_SOURCE: source}
 
@@ -606,11 +623,13 @@ def to_kohya_flow(state: dict[str, torch.Tensor], lora: LoRAConfig, base: dict, 
     return out, meta
 
 
-def flow_scheduler_files(base_scheduler_config: dict, segments: int, sampler: str) -> dict[str, bytes]:
+def flow_scheduler_files(base_scheduler_config: dict, segments: int, sampler: str,
+                         milestone_grid: str = "official") -> dict[str, bytes]:
     from .flow_scheduler import FlowMatchTLCMScheduler
 
     try:
-        sched = FlowMatchTLCMScheduler.from_base(base_scheduler_config, segments=segments, sampler=sampler)
+        sched = FlowMatchTLCMScheduler.from_base(base_scheduler_config, segments=segments, sampler=sampler,
+                                                 milestone_grid=milestone_grid)
     except ValueError as e:
         raise ExportError(f"export: {e}") from None
     source = (Path(__file__).parent / "flow_scheduler.py").read_bytes()
@@ -634,7 +653,7 @@ def flow_export_files(state: dict[str, torch.Tensor], lora: LoRAConfig, base: di
         tensors, config = to_peft(state, lora, base, family)
         files[PEFT_WEIGHTS] = _safetensors_bytes(tensors, {"format": "pt"})
         files[PEFT_CONFIG] = config
-    files.update(flow_scheduler_files(scheduler_config, usage.segments, usage.sampler))
+    files.update(flow_scheduler_files(scheduler_config, usage.segments, usage.sampler, usage.milestone_grid))
     files[MODEL_CARD] = flow_model_card(lora, base, family, net_config, formats, usage, training, metrics).encode()
     return files
 
@@ -654,7 +673,10 @@ def flow_model_card(lora: LoRAConfig, base: dict, family: str, net_config: dict,
         "*TLCM: Training-efficient Latent Consistency Model for Image Generation with 2-8 Steps*, arXiv "
         f"2406.05768), data-free. Sample it with 2-{usage.segments} steps and no CFG: {guidance}. The steps are the "
         f"TLCM milestones ({usage.segments} segments, `{usage.sampler}` sampler) at the base model's shifted sigmas, "
-        "which `FlowMatchTLCMScheduler` visits.", "",
+        "which `FlowMatchTLCMScheduler` visits" + (
+            ": the N of them nearest to evenly spaced sigmas (`milestone_grid=\"sigma\"`), " + "; ".join(
+                f"{n} steps: {', '.join(map(str, usage.tlcm_timesteps(n)))}" for n in usage.step_counts())
+            if usage.milestone_grid == "sigma" else "") + ".", "",
         "## LoRA", "", f"- base model: `{json.dumps(base, sort_keys=True)}`",
         f"- rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.alpha / lora.rank:g}), the transformer only",
         f"- target modules: {', '.join(f'`{t}`' for t in family_targets(lora, family))}", "",
@@ -735,8 +757,8 @@ def _flow_kohya_section(family: str) -> list[str]:
 
 def export_files(state: dict[str, torch.Tensor], metadata: dict[str, str], formats: list[str], unet_config: dict,
                  scheduler_config: dict, *, segments: int, sampler: str = "renoise", steps: int = 4,
-                 kohya_naming: str = "auto", training: dict | None = None, metrics: list[dict] | None = None,
-                 where: str = "LoRA") -> dict[str, bytes]:
+                 milestone_grid: str = "official", kohya_naming: str = "auto", training: dict | None = None,
+                 metrics: list[dict] | None = None, where: str = "LoRA") -> dict[str, bytes]:
     """Relative path -> bytes for every exported file of a TLCM LoRA (state + tlcm-lora/1 metadata). `unet_config`
     is the base's denoising network's config: its UNet's, or its transformer's for FLUX.1 / SD3 (base_configs)."""
     lora = check_lora(state, metadata, where=where)
@@ -744,8 +766,12 @@ def export_files(state: dict[str, torch.Tensor], metadata: dict[str, str], forma
     unknown = [f for f in formats if f not in ("diffusers", "kohya", "peft")]
     if unknown:
         raise ExportError(f"unknown export format(s) {unknown}; use diffusers, kohya, peft")
-    usage = usage_for(scheduler_config, segments=segments, sampler=sampler, steps=steps)
     family = export_family(metadata, unet_config, where)
+    seq = None
+    if family != "unet" and scheduler_config.get("use_dynamic_shifting"):  # FLUX: the shift at the base resolution
+        seq = FAMILIES[family].image_seq_len(int(base.get("resolution") or 1024), 8, unet_config)
+    usage = usage_for(scheduler_config, segments=segments, sampler=sampler, steps=steps,
+                      milestone_grid=milestone_grid, flow=family != "unet", image_seq_len=seq)
     if family != "unet":
         return flow_export_files(state, lora, base, family, formats, unet_config, scheduler_config, usage,
                                  kohya_naming=kohya_naming, training=training, metrics=metrics)
@@ -761,7 +787,7 @@ def export_files(state: dict[str, torch.Tensor], metadata: dict[str, str], forma
         tensors, config = to_peft(state, lora, base)
         files[PEFT_WEIGHTS] = _safetensors_bytes(tensors, {"format": "pt"})
         files[PEFT_CONFIG] = config
-    files.update(scheduler_files(scheduler_config, segments, sampler))
+    files.update(scheduler_files(scheduler_config, segments, sampler, usage.milestone_grid))
     files[MODEL_CARD] = model_card(lora, base, unet_config, formats, segments, sampler, steps, training,
                                    metrics, usage=usage).encode()
     return files

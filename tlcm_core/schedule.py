@@ -174,20 +174,60 @@ OFFICIAL_SAMPLER_TIMESTEPS = {
 }
 
 
-def sampler_timesteps(n_steps: int, bounds: list[int]) -> list[int]:
+# How an N-step sampler picks N of the M milestones: "official" is the release's index grid (evenly spaced milestone
+# indices; right for the SD/SDXL schedules it was made for); "sigma" takes the milestones whose noise levels are
+# nearest to N evenly spaced levels 1, 1 - 1/N, ..., 1/N (docs/flow-matching.md "Which milestones a sampler visits":
+# under SD3's shift 3 the index grid's 2-step second milestone sits at sigma 0.75, the level grid's at 0.5)
+MILESTONE_GRIDS = ("official", "sigma")
+
+
+def noise_levels(schedule, timesteps: list[int]) -> list[float]:
+    """The flow-time noise level sigma = s_t / (a_t + s_t) of each timestep (float64): a flow teacher's own sigma
+    (a_t + s_t = 1), and for a DDPM schedule the sigma of the equivalent flow (x_t / (a_t + s_t) is a flow state)."""
+    a, s = schedule.coeffs(torch.tensor(timesteps), torch.zeros(len(timesteps), dtype=torch.float64))
+    return (s / (a + s)).tolist()
+
+
+def level_spaced(upper: list[int], levels: list[float], n_steps: int) -> list[int]:
+    """The `n_steps` of the milestones `upper` (descending, noisiest first; `levels` their noise levels) closest in
+    total |level - target| to the targets 1, 1 - 1/N, ..., 1/N, the noisiest milestone always first (exact search)."""
+    M, targets = len(upper), [1 - k / n_steps for k in range(n_steps)]
+    cost = {(0, 0): 0.0}  # (pick k, milestone i) -> least total distance of picks 1..k ending at i
+    back: dict[tuple[int, int], int] = {}
+    for k in range(1, n_steps):
+        for i in range(k, M - (n_steps - 1 - k)):
+            j = min((j for j in range(k - 1, i) if (k - 1, j) in cost), key=lambda j: cost[(k - 1, j)])
+            cost[(k, i)], back[(k, i)] = cost[(k - 1, j)] + abs(levels[i] - targets[k]), j
+    i = min((i for i in range(M) if (n_steps - 1, i) in cost), key=lambda i: cost[(n_steps - 1, i)])
+    picks = [i]
+    for k in range(n_steps - 1, 0, -1):
+        i = back[(k, i)]
+        picks.append(i)
+    return [upper[i] for i in reversed(picks)]
+
+
+def sampler_timesteps(n_steps: int, bounds: list[int], grid: str = "official", schedule=None) -> list[int]:
     """The milestone timesteps an N-step TLCM sampler visits (descending, boundary 0 excluded).
 
-    For the paper's grid (T=1000, M=8) and N in 1..8 these are the official release's; otherwise an evenly
-    spaced subset of the upper boundaries. N may not exceed M (there are only M milestones to visit).
+    grid "official": for the paper's grid (T=1000, M=8) and N in 1..8 the official release's; otherwise an evenly
+    spaced subset of the upper boundaries. grid "sigma": the milestones whose noise levels under `schedule` (a
+    NoiseSchedule or FlowSchedule) are nearest to N evenly spaced levels (`level_spaced`). N may not exceed M
+    (there are only M milestones to visit).
     """
     upper = sorted(bounds, reverse=True)[:-1]  # M upper boundaries, 999 first
     if not 1 <= n_steps <= len(upper):
         raise ValueError(f"a {n_steps}-step TLCM sampler needs {n_steps} milestones; this schedule has "
                          f"{len(upper)} (schedule.segments); use 1..{len(upper)} steps")
-    if upper == OFFICIAL_SAMPLER_TIMESTEPS[8] and n_steps in OFFICIAL_SAMPLER_TIMESTEPS:
-        return list(OFFICIAL_SAMPLER_TIMESTEPS[n_steps])
+    if grid not in MILESTONE_GRIDS:
+        raise ValueError(f"milestone grid {grid!r}; use one of {', '.join(MILESTONE_GRIDS)}")
     if n_steps == len(upper):
         return upper
+    if grid == "sigma":
+        if schedule is None:
+            raise ValueError("the sigma milestone grid needs the teacher's schedule (its noise levels)")
+        return level_spaced(upper, noise_levels(schedule, upper), n_steps)
+    if upper == OFFICIAL_SAMPLER_TIMESTEPS[8] and n_steps in OFFICIAL_SAMPLER_TIMESTEPS:
+        return list(OFFICIAL_SAMPLER_TIMESTEPS[n_steps])
     idx = torch.linspace(0, len(upper), n_steps + 1, dtype=torch.float64)[:-1].floor().long().tolist()
     return [upper[i] for i in idx]
 

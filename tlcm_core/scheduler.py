@@ -7,7 +7,7 @@ into the LoRA):
     image = pipe(prompt, num_inference_steps=4, guidance_scale=0, generator=torch.Generator().manual_seed(0)).images[0]
 
 `set_timesteps(N)` visits the milestone timesteps of the official TLCM inference (999, 499 for N = 2; 999, 749, 499,
-124 for N = 4, ...). Each `step` turns the model output into x0 and then either re-noises x0 to the next timestep
+124 for N = 4, ...), or with `milestone_grid="sigma"` those at evenly spaced noise levels. Each `step` turns the model output into x0 and then either re-noises x0 to the next timestep
 with fresh noise from `generator` (`sampler="renoise"`, the official LCM-style inference) or takes the deterministic
 DDIM jump there (`sampler="multistep"`); the last step returns x0 itself as `prev_sample`. Per step this is exactly
 `tlcm_core.samplers.tlcm_sample`: the same float64 schedule coefficients, the same operations in the same order and
@@ -28,6 +28,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 SAMPLERS = ("renoise", "multistep")
+MILESTONE_GRIDS = ("official", "sigma")  # see set_timesteps
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 # The official TLCM inference's step subsets of the M = 8 milestones (docs/method.md "Sampling").
@@ -49,15 +50,36 @@ def tlcm_milestones(num_train_timesteps: int, segments: int) -> list[int]:
     return [int(v) for v in pts.tolist()]
 
 
-def tlcm_sampler_timesteps(n_steps: int, bounds: list[int]) -> list[int]:
-    """The milestone timesteps an N-step TLCM sampler visits (same rule as tlcm_core.schedule.sampler_timesteps)."""
+def tlcm_sampler_timesteps(n_steps: int, bounds: list[int], grid: str = "official",
+                           levels: list[float] | None = None) -> list[int]:
+    """The milestone indices an N-step TLCM sampler visits (same rule as tlcm_core.schedule.sampler_timesteps):
+    grid "sigma" takes `levels`, the noise levels of the upper milestones (descending bounds minus the last)."""
     upper = sorted(bounds, reverse=True)[:-1]
-    if upper == OFFICIAL_SAMPLER_TIMESTEPS[8] and n_steps in OFFICIAL_SAMPLER_TIMESTEPS:
-        return list(OFFICIAL_SAMPLER_TIMESTEPS[n_steps])
     if n_steps >= len(upper):
         return upper
+    if grid == "sigma":
+        return level_spaced(upper, levels, n_steps)
+    if upper == OFFICIAL_SAMPLER_TIMESTEPS[8] and n_steps in OFFICIAL_SAMPLER_TIMESTEPS:
+        return list(OFFICIAL_SAMPLER_TIMESTEPS[n_steps])
     idx = torch.linspace(0, len(upper), n_steps + 1, dtype=torch.float64)[:-1].floor().long().tolist()
     return [upper[i] for i in idx]
+
+def level_spaced(upper: list[int], levels: list[float], n_steps: int) -> list[int]:
+    """The `n_steps` of the milestones `upper` (descending; `levels` their noise levels) closest in total
+    |level - target| to 1, 1 - 1/N, ..., 1/N, the noisiest first (same rule as tlcm_core.schedule.level_spaced)."""
+    M, targets = len(upper), [1 - k / n_steps for k in range(n_steps)]
+    cost = {(0, 0): 0.0}
+    back: dict[tuple[int, int], int] = {}
+    for k in range(1, n_steps):
+        for i in range(k, M - (n_steps - 1 - k)):
+            j = min((j for j in range(k - 1, i) if (k - 1, j) in cost), key=lambda j: cost[(k - 1, j)])
+            cost[(k, i)], back[(k, i)] = cost[(k - 1, j)] + abs(levels[i] - targets[k]), j
+    i = min((i for i in range(M) if (n_steps - 1, i) in cost), key=lambda i: cost[(n_steps - 1, i)])
+    picks = [i]
+    for k in range(n_steps - 1, 0, -1):
+        i = back[(k, i)]
+        picks.append(i)
+    return [upper[i] for i in reversed(picks)]
 
 
 @dataclass
@@ -85,9 +107,12 @@ class TLCMScheduler(SchedulerMixin, ConfigMixin):
         segments: int = 8,
         sampler: str = "renoise",
         rescale_betas_zero_snr: bool = False,
+        milestone_grid: str = "official",
     ):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler={sampler!r}; use one of {', '.join(SAMPLERS)}")
+        if milestone_grid not in MILESTONE_GRIDS:
+            raise ValueError(f"milestone_grid={milestone_grid!r}; use one of {', '.join(MILESTONE_GRIDS)}")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type={prediction_type!r}; supported: {', '.join(PREDICTION_TYPES)}")
         if rescale_betas_zero_snr:
@@ -116,7 +141,10 @@ class TLCMScheduler(SchedulerMixin, ConfigMixin):
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       timesteps: list[int] | None = None):
-        """N steps on the milestones (1 <= N <= segments), or explicit descending `timesteps` in [0, T)."""
+        """N steps on the milestones (1 <= N <= segments), or explicit descending `timesteps` in [0, T).
+
+        Which N: `milestone_grid="official"` the release's (999, 499 for N = 2), `"sigma"` those whose noise levels
+        s_t / (a_t + s_t) are nearest to 1, 1 - 1/N, ..., 1/N (the choice `evaluate.milestone_grid` makes)."""
         T, M = self.config.num_train_timesteps, self.config.segments
         if timesteps is not None:
             ts = [int(t) for t in timesteps]
@@ -126,7 +154,11 @@ class TLCMScheduler(SchedulerMixin, ConfigMixin):
             if num_inference_steps is None or not 1 <= num_inference_steps <= M:
                 raise ValueError(f"num_inference_steps={num_inference_steps}: TLCM samples on the {M} milestone "
                                  f"timesteps, so use 1..{M} steps (2-8 for the paper's LoRAs)")
-            ts = tlcm_sampler_timesteps(num_inference_steps, self.milestones)
+            upper = self.milestones[:-1]
+            ab = self.alphas_cumprod[torch.tensor(upper)]
+            a, s = ab.sqrt(), (1 - ab).sqrt()  # the noise level of the equivalent flow, s / (a + s)
+            ts = tlcm_sampler_timesteps(num_inference_steps, self.milestones, self.config.milestone_grid,
+                                        (s / (a + s)).tolist())
         self.num_inference_steps = len(ts)
         self.timesteps = torch.tensor(ts, dtype=torch.long, device=device)
         self._step_index = None

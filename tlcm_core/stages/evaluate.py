@@ -54,5 +54,6 @@ def _reads(cfg) -> tuple[str, ...]:
     return ("teacher", "evaluate", "schedule", "lora", "compute.dtype", *prompts)
 
 
-# version 3: the side-by-side grid and the metrics plot; 4: the teacher's rows from the teacher-evaluate artifact
-STAGE = Stage("evaluate", version=4, run=run, inputs=_inputs, reads=_reads)
+# version 3: the side-by-side grid and the metrics plot; 4: the teacher's rows from the teacher-evaluate artifact;
+# 5: the student rows' `timesteps` (evaluate.milestone_grid)
+STAGE = Stage("evaluate", version=5, run=run, inputs=_inputs, reads=_reads)

@@ -25,7 +25,7 @@ def run(ctx: StageContext) -> dict:
     metrics = metrics_art.read_json("metrics.json") if metrics_art is not None else None
     ex = cfg.export
     files = export_files(state, metadata, list(ex.formats), unet_config, sched_config,
-                         segments=cfg.schedule.segments, sampler=ex.sampler, steps=ex.steps,
+                         segments=cfg.schedule.segments, sampler=ex.sampler, steps=ex.steps, milestone_grid=ex.milestone_grid,
                          kohya_naming=ex.kohya_naming, training=training, metrics=metrics, where=lora_art.uri)
     for rel, data in files.items():
         out_art.write_bytes(rel, data)
@@ -41,4 +41,5 @@ def _inputs(cfg) -> dict[str, str]:
     return {"lora": stage, **({"metrics": "evaluate"} if "evaluate" in cfg.stages else {})}
 
 
-STAGE = Stage("export", version=3, run=run, inputs=_inputs, reads=("teacher", "export", "schedule", "lora"))
+# version 4: the scheduler config records export.milestone_grid
+STAGE = Stage("export", version=4, run=run, inputs=_inputs, reads=("teacher", "export", "schedule", "lora"))
