@@ -108,7 +108,7 @@ class Sampler:
         starting noise for every method and step count."""
         noise = eval_noise(n, self.shape, seed)
         # the student's milestones (the teacher's DDIM has none: stage teacher-evaluate does not read schedule.segments)
-        bounds = milestones(self.schedule.T, self.cfg.schedule.segments) if self.student else None
+        timesteps = self.milestones(steps) if self.student else None
         dtype = network_of(self.pipe).dtype
         for i in range(0, n, batch_size):
             idx = torch.arange(i, min(i + batch_size, n))
@@ -116,26 +116,28 @@ class Sampler:
             cond = self.cond[pidx.to(self.cond.prompt_embeds.device)].to(self.device, dtype)
             x_T = noise[idx].to(self.device, dtype)
             t0 = time.perf_counter()
-            x0 = self.latents(steps, x_T, cond, torch.Generator().manual_seed(seed * 7 + i), mode, bounds)
+            x0 = self.latents(steps, x_T, cond, torch.Generator().manual_seed(seed * 7 + i), mode, timesteps)
             img = decode_latents(self.pipe, x0)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             yield img.cpu(), [self.prompts[j] for j in pidx.tolist()], time.perf_counter() - t0
 
     def latents(self, steps: int, x_T: torch.Tensor, cond, generator: torch.Generator, mode: str = "renoise",
-                bounds=None) -> torch.Tensor:
-        """x0 latents from x_T: the student's TLCM sampler, or the teacher's own baseline (samplers.teacher_sample:
-        DDIM + CFG on trailing timesteps, or a flow teacher's Euler on its stock pipeline's shifted sigma grid)."""
+                timesteps: list[int] | None = None) -> torch.Tensor:
+        """x0 latents from x_T: the student's TLCM sampler (on `timesteps`, default `milestones(steps)`), or the
+        teacher's own baseline (samplers.teacher_sample: DDIM + CFG on trailing timesteps, or a flow teacher's Euler on
+        its stock pipeline's shifted sigma grid)."""
         if self.student:
-            return tlcm_sample(student_x0_fn(self.denoiser, cond), x_T, self.milestones(steps, bounds),
-                               self.schedule, mode=mode, generator=generator)
+            ts = timesteps if timesteps is not None else self.milestones(steps)
+            return tlcm_sample(student_x0_fn(self.denoiser, cond), x_T, ts, self.schedule, mode=mode,
+                               generator=generator)
         unc = self.uncond.to(self.device, x_T.dtype)
         return teacher_sample(self.denoiser, x_T, steps, cond, unc, self.cfg.schedule.guidance,
                               teacher_grid(self.pipe, self.cfg.teacher.resolution, steps))
 
-    def milestones(self, steps: int, bounds=None) -> list[int]:
+    def milestones(self, steps: int) -> list[int]:
         """The milestone timesteps the student's `steps`-step sampler visits (evaluate.milestone_grid)."""
-        bounds = bounds if bounds is not None else milestones(self.schedule.T, self.cfg.schedule.segments)
+        bounds = milestones(self.schedule.T, self.cfg.schedule.segments)
         return sampler_timesteps(steps, bounds, self.cfg.evaluate.milestone_grid, self.schedule)
 
     def sample(self, steps: int, n: int, seed: int, batch_size: int, mode: str = "renoise"
@@ -261,7 +263,7 @@ class SchedulerSampler(Sampler):
         self.lora, self.scheduler = lora, stock_scheduler(lora.scheduler, pipe.scheduler.config)
 
     def latents(self, steps: int, x_T: torch.Tensor, cond, generator: torch.Generator, mode: str = "renoise",
-                bounds=None) -> torch.Tensor:
+                timesteps: list[int] | None = None) -> torch.Tensor:
         unc = self.uncond.to(self.device, x_T.dtype)
         return scheduler_sample(self.pipe.unet, self.scheduler, x_T, steps, cond, unc, self.lora.guidance, generator)
 

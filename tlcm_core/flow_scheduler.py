@@ -183,29 +183,30 @@ class FlowMatchTLCMScheduler(SchedulerMixin, ConfigMixin):
                              f"timesteps, so use 1..{M} steps (2-8 for the paper's LoRAs)")
         if self.config.use_dynamic_shifting and mu is None:
             raise ValueError("use_dynamic_shifting=True: pass mu (the pipelines compute it from the image size)")
-        c = self.config
-        upper = torch.tensor(self.milestones[:-1], dtype=torch.long)
-        dynamic = c.use_dynamic_shifting  # the levels of the upper milestones at this sampling's shift
-        levels = shifted_sigmas(upper, c.num_train_timesteps, 1.0 if dynamic else c.shift, mu if dynamic else None,
-                                c.time_shift_type).tolist()
-        self._set_indices(tlcm_sampler_timesteps(num_inference_steps, self.milestones, c.milestone_grid, levels),
-                          mu, device)
+        grid = self.config.milestone_grid  # "sigma": chosen by the upper milestones' sigmas at this sampling's shift
+        levels = self._shifted(torch.tensor(self.milestones[:-1]), mu).tolist() if grid == "sigma" else None
+        self._set_indices(tlcm_sampler_timesteps(num_inference_steps, self.milestones, grid, levels), mu, device)
         self.num_inference_steps = num_inference_steps
 
     def _set_indices(self, indices: list[int], mu: float | None, device=None) -> None:
         c = self.config
-        dynamic = c.use_dynamic_shifting
         self.step_indices = torch.tensor(indices, dtype=torch.long)  # the integer milestones visited
-        self.mu = mu if dynamic else None
-        # dynamic shifting without mu (only before set_timesteps) leaves the levels unshifted: shift 1 is the identity
-        sig = shifted_sigmas(self.step_indices, c.num_train_timesteps, 1.0 if dynamic else c.shift, self.mu,
-                             c.time_shift_type)
+        self.mu = mu if c.use_dynamic_shifting else None
+        sig = self._shifted(self.step_indices, self.mu)
         self._sigmas64 = sig  # float64, the coefficients of the math (cast to the sample dtype at use)
         # what the pipelines read: float32 sigma * T, and the sigmas with diffusers' terminal 0 appended
         self.timesteps = (sig * c.num_train_timesteps).to(device=device, dtype=torch.float32)
         self.sigmas = torch.cat([sig, sig.new_zeros(1)]).to(device=device, dtype=torch.float32)
         self._step_index: int | None = None
         self._begin_index: int | None = None
+
+    def _shifted(self, indices: torch.Tensor, mu: float | None) -> torch.Tensor:
+        """Training sigmas (float64) of integer `indices`: the fixed shift, or under dynamic shifting `mu`'s (without
+        mu, only before set_timesteps, the levels stay unshifted: shift 1 is the identity)."""
+        c = self.config
+        dynamic = c.use_dynamic_shifting
+        return shifted_sigmas(indices, c.num_train_timesteps, 1.0 if dynamic else c.shift, mu if dynamic else None,
+                              c.time_shift_type)
 
     def set_noise_generator(self, generator: torch.Generator | list[torch.Generator] | None) -> None:
         """The generator re-noising draws from when `step` gets none (FluxPipeline and StableDiffusion3Pipeline never

@@ -221,16 +221,8 @@ class Usage:
 
 
 def usage_for(scheduler_config: dict, *, segments: int, sampler: str = "renoise", steps: int = 4,
-              milestone_grid: str = "official", flow: bool = False, image_seq_len: int | None = None) -> Usage:
-    """`flow`: a flow-matching base (its scheduler config is a FlowMatchEulerDiscreteScheduler's); `image_seq_len`:
-    its image tokens at the base resolution, which the sigma grid needs under FLUX's resolution-dependent shift."""
-    from .flow_schedule import FlowSchedule
-    from .schedule import NoiseSchedule
-
-    schedule = None
-    if milestone_grid == "sigma":
-        schedule = (FlowSchedule.from_config(scheduler_config, image_seq_len) if flow
-                    else NoiseSchedule.from_config(scheduler_config))
+              milestone_grid: str = "official", schedule=None) -> Usage:
+    """`schedule`: the base's noise schedule, which the sigma grid chooses its milestones by."""
     return Usage(steps=steps, segments=segments, sampler=sampler,
                  num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
                  prediction_type=scheduler_config.get("prediction_type", "epsilon"), milestone_grid=milestone_grid,
@@ -767,11 +759,13 @@ def export_files(state: dict[str, torch.Tensor], metadata: dict[str, str], forma
     if unknown:
         raise ExportError(f"unknown export format(s) {unknown}; use diffusers, kohya, peft")
     family = export_family(metadata, unet_config, where)
-    seq = None
-    if family != "unet" and scheduler_config.get("use_dynamic_shifting"):  # FLUX: the shift at the base resolution
-        seq = FAMILIES[family].image_seq_len(int(base.get("resolution") or 1024), 8, unet_config)
+    schedule = None
+    if milestone_grid == "sigma":  # the base's noise levels at its resolution (FLUX's shift depends on it; VAE 8x)
+        fam = FAMILIES[family]
+        seq = fam.image_seq_len(int(base.get("resolution") or 1024), 8, unet_config)
+        schedule = fam.schedule(scheduler_config, seq)
     usage = usage_for(scheduler_config, segments=segments, sampler=sampler, steps=steps,
-                      milestone_grid=milestone_grid, flow=family != "unet", image_seq_len=seq)
+                      milestone_grid=milestone_grid, schedule=schedule)
     if family != "unet":
         return flow_export_files(state, lora, base, family, formats, unet_config, scheduler_config, usage,
                                  kohya_naming=kohya_naming, training=training, metrics=metrics)

@@ -7,11 +7,12 @@ into the LoRA):
     image = pipe(prompt, num_inference_steps=4, guidance_scale=0, generator=torch.Generator().manual_seed(0)).images[0]
 
 `set_timesteps(N)` visits the milestone timesteps of the official TLCM inference (999, 499 for N = 2; 999, 749, 499,
-124 for N = 4, ...), or with `milestone_grid="sigma"` those at evenly spaced noise levels. Each `step` turns the model output into x0 and then either re-noises x0 to the next timestep
-with fresh noise from `generator` (`sampler="renoise"`, the official LCM-style inference) or takes the deterministic
-DDIM jump there (`sampler="multistep"`); the last step returns x0 itself as `prev_sample`. Per step this is exactly
-`tlcm_core.samplers.tlcm_sample`: the same float64 schedule coefficients, the same operations in the same order and
-the same noise draws (tests/test_generate.py checks equality).
+124 for N = 4, ...), or with `milestone_grid="sigma"` those at evenly spaced noise levels. Each `step` turns the model
+output into x0 and then either re-noises x0 to the next timestep with fresh noise from `generator`
+(`sampler="renoise"`, the official LCM-style inference) or takes the deterministic DDIM jump there
+(`sampler="multistep"`); the last step returns x0 itself as `prev_sample`. Per step this is exactly
+`tlcm_core.samplers.tlcm_sample`: the same float64 schedule coefficients, the same operations in the same order and the
+same noise draws (tests/test_generate.py checks equality).
 
 This file imports only torch and diffusers, so the `export` stage ships a copy of it as `scheduling_tlcm.py` next to
 the scheduler config: users of an exported LoRA need no part of this project. Keep it self-contained.
@@ -63,6 +64,7 @@ def tlcm_sampler_timesteps(n_steps: int, bounds: list[int], grid: str = "officia
         return list(OFFICIAL_SAMPLER_TIMESTEPS[n_steps])
     idx = torch.linspace(0, len(upper), n_steps + 1, dtype=torch.float64)[:-1].floor().long().tolist()
     return [upper[i] for i in idx]
+
 
 def level_spaced(upper: list[int], levels: list[float], n_steps: int) -> list[int]:
     """The `n_steps` of the milestones `upper` (descending; `levels` their noise levels) closest in total
@@ -154,11 +156,12 @@ class TLCMScheduler(SchedulerMixin, ConfigMixin):
             if num_inference_steps is None or not 1 <= num_inference_steps <= M:
                 raise ValueError(f"num_inference_steps={num_inference_steps}: TLCM samples on the {M} milestone "
                                  f"timesteps, so use 1..{M} steps (2-8 for the paper's LoRAs)")
-            upper = self.milestones[:-1]
-            ab = self.alphas_cumprod[torch.tensor(upper)]
-            a, s = ab.sqrt(), (1 - ab).sqrt()  # the noise level of the equivalent flow, s / (a + s)
-            ts = tlcm_sampler_timesteps(num_inference_steps, self.milestones, self.config.milestone_grid,
-                                        (s / (a + s)).tolist())
+            grid, levels = self.config.milestone_grid, None
+            if grid == "sigma":  # the upper milestones' noise levels: the equivalent flow's sigma, s / (a + s)
+                ab = self.alphas_cumprod[torch.tensor(self.milestones[:-1])]
+                a, s = ab.sqrt(), (1 - ab).sqrt()
+                levels = (s / (a + s)).tolist()
+            ts = tlcm_sampler_timesteps(num_inference_steps, self.milestones, grid, levels)
         self.num_inference_steps = len(ts)
         self.timesteps = torch.tensor(ts, dtype=torch.long, device=device)
         self._step_index = None

@@ -25,7 +25,8 @@ def run(ctx: StageContext) -> dict:
     metrics = metrics_art.read_json("metrics.json") if metrics_art is not None else None
     ex = cfg.export
     files = export_files(state, metadata, list(ex.formats), unet_config, sched_config,
-                         segments=cfg.schedule.segments, sampler=ex.sampler, steps=ex.steps, milestone_grid=ex.milestone_grid,
+                         segments=cfg.schedule.segments, sampler=ex.sampler, steps=ex.steps,
+                         milestone_grid=ex.milestone_grid,
                          kohya_naming=ex.kohya_naming, training=training, metrics=metrics, where=lora_art.uri)
     for rel, data in files.items():
         out_art.write_bytes(rel, data)

@@ -269,7 +269,8 @@ def _ema_update(ema: dict, model: torch.nn.Module, decay: float) -> None:
 
 
 def train_denoiser(net: torch.nn.Module, phase: str, batch_loss: Callable, *, steps: int, lr: float,
-                   weight_decay: float, seed: int, s: TeacherTrainingSettings, ckpt_dir: Path, progress: Progress, resume: bool) -> dict:
+                   weight_decay: float, seed: int, s: TeacherTrainingSettings, ckpt_dir: Path, progress: Progress,
+                   resume: bool) -> dict:
     """The teachers' training loop: AdamW with warmup + cosine lr, gradient clipping, EMA weights, checkpoints
     (`phase-NNNNNNN/` with the network, its EMA and the optimizer/RNG state) and resume. `batch_loss(g, step)`
     draws one batch from the generator `g` and returns (loss, per-sample MSE). `s` gives the shared bookkeeping
@@ -355,7 +356,8 @@ def _train_unet(pipe, lat_mean, lat_std, pidx, s: ToyTeacherSettings, ckpt_dir: 
 # ------------------------------------------------------------------------------------------ main
 
 
-def run_teacher_training(s: TeacherTrainingSettings, out_dir: str | Path, progress: Progress | None, resume: bool, body: Callable) -> Path:
+def run_teacher_training(s: TeacherTrainingSettings, out_dir: str | Path, progress: Progress | None, resume: bool,
+                         body: Callable) -> Path:
     """What training either toy teacher shares: the finished-run check (`DONE.json` with the same settings: nothing
     to do), `settings.json`, the world's training images and their prompt indices, a progress bar unless `progress`
     is given, the atomic save of `out_dir/pipeline` and `DONE.json` with the timings. `body(ckpt_dir, images, pidx,
