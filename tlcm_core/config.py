@@ -252,6 +252,14 @@ class FinetuneConfig(TrainerConfig):
     iterations: int = Field(500, ge=1)  # restating a field drops TrainerConfig's bounds: repeated here
     lr: float = Field(1e-5, gt=0, le=1.0)
     q: int = Field(4, ge=1, le=8, description="student steps for the clean latents that eq. 9 re-noises")
+    # where the student's training inputs come from: "renoised" is eq. 9 as the paper (the student's q-step sample,
+    # re-noised at a random milestone); "sampler" trains on the very states the few-step sampler meets at inference
+    # (DMD2's backward simulation): the `sampler_steps`-step TLCM sampler runs from noise without grad, and each
+    # sample is the state at one of its milestones, drawn evenly (docs/method.md "Stage 3")
+    inputs: Literal["renoised", "sampler"] = "renoised"
+    sampler_steps: list[int] = Field(default_factory=lambda: [2, 4], description="step counts of the sampler whose "
+                                     "states finetune.inputs=sampler trains on (one drawn per micro-batch)")
+    sampler_grid: Literal["official", "sigma"] = "official"  # their milestones (as evaluate.milestone_grid)
     # preference reward, TLCM eq. 11: max(margin - s(x, c_pos), 0) + max(s(x, c_neg), 0)
     reward_weight: float = Field(0.0, ge=0)
     reward_margin: float = 16.0
@@ -465,10 +473,11 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _steps_fit_milestones(self) -> PipelineConfig:
-        too_many = [n for n in self.evaluate.steps if n > self.schedule.segments]
-        if too_many:
-            raise ValueError(f"evaluate.steps={self.evaluate.steps}: a TLCM sampler takes at most "
-                             f"schedule.segments={self.schedule.segments} steps (one per milestone)")
+        for field, steps in (("evaluate.steps", self.evaluate.steps),
+                             ("finetune.sampler_steps", self.finetune.sampler_steps)):
+            if not steps or any(not 1 <= n <= self.schedule.segments for n in steps):
+                raise ValueError(f"{field}={steps}: a TLCM sampler takes 1 to schedule.segments="
+                                 f"{self.schedule.segments} steps (one per milestone); give at least one")
         return self
 
     @model_validator(mode="after")

@@ -46,7 +46,7 @@ from ..models import (Conditioning, Denoiser, decode_latents_grad, encode_prompt
 from ..prompts import load_prompts
 from ..rewards import build_scorer, negative_prompts, reward_hinge
 from ..samplers import student_clean_latents, teacher_sample
-from ..schedule import milestones
+from ..schedule import milestones, sampler_timesteps
 from ..stage import Stage, StageContext
 from ..training import CheckpointIO, TrainResult, TrainState, make_optimizer, train
 from .common import TRAINER_READS, final_lora_stage
@@ -224,7 +224,9 @@ class FinetuneObjective:
         self.scorer = models.scorer if fc.reward_weight else None
         self.heads = models.heads if fc.gan_weight else None
         self.real_pool, self.opt, self.first = models.real_pool, optimizers, first
-        self.upper = sorted(milestones(self.model.schedule.T, cfg.schedule.segments))[1:]
+        bounds = milestones(self.model.schedule.T, cfg.schedule.segments)
+        self.upper = sorted(bounds)[1:]
+        self.grids = {n: sampler_timesteps(n, bounds, fc.sampler_grid, self.model.schedule) for n in fc.sampler_steps}
         self.shape = latent_shape(self.pipe, cfg.teacher.resolution)
 
     def batches(self, start: int):
@@ -237,10 +239,13 @@ class FinetuneObjective:
         idx = torch.randint(len(self.prompts), (fc.batch_size,), generator=g)
         b.cond = cond = self.cond_all[idx].to(self.device)
         x_T = torch.randn((fc.batch_size, *self.shape), generator=g).to(self.device)
-        with torch.no_grad():  # eq. 9: the student's clean latents, re-noised at a milestone
-            b.z0 = student_clean_latents(lambda x, t: model(x, t, cond)[0], x_T, fc.q, schedule)
-        t = torch.tensor(self.upper)[torch.randint(len(self.upper), (fc.batch_size,), generator=g)].to(self.device)
-        z_t = schedule.add_noise(b.z0, torch.randn(b.z0.shape, generator=g).to(b.z0), t)
+        if fc.inputs == "sampler":
+            z_t, t = self.sampler_states(b, x_T)
+        else:
+            with torch.no_grad():  # eq. 9: the student's clean latents, re-noised at a milestone
+                b.z0 = student_clean_latents(lambda x, t: model(x, t, cond)[0], x_T, fc.q, schedule)
+            t = torch.tensor(self.upper)[torch.randint(len(self.upper), (fc.batch_size,), generator=g)].to(self.device)
+            z_t = schedule.add_noise(b.z0, torch.randn(b.z0.shape, generator=g).to(b.z0), t)
         x0, _ = model(z_t, t, cond)
         b.x0 = x0
         terms: dict[str, torch.Tensor] = {}
@@ -261,6 +266,28 @@ class FinetuneObjective:
             logits = discriminate(self.unet, self.heads, schedule.add_noise(x0, ng, tg), tg, cond, schedule)
             terms["gan_g"] = fc.gan_weight * gan_generator_loss(logits, fc.gan_loss)
         return terms
+
+    @torch.no_grad()
+    def sampler_states(self, b: Micro, x_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DMD2's backward simulation: the N-step TLCM sampler (N drawn from finetune.sampler_steps) from x_T with
+        fresh re-noising, as at inference; each sample's input is its state at a milestone drawn evenly from the N.
+        Runs only the steps the drawn states need, plus the rest when the GAN's real side is the student's own
+        multi-step sample (b.z0)."""
+        fc, g, schedule, model = self.fc, b.g, self.model.schedule, self.model
+        ts = self.grids[fc.sampler_steps[int(torch.randint(len(fc.sampler_steps), (1,), generator=g))]]
+        pick = torch.randint(len(ts), (fc.batch_size,), generator=g)
+        noises = [torch.randn(x_T.shape, generator=g).to(x_T) for _ in ts[1:]]
+        own_sample = self.heads is not None and self.real_pool is None
+        x, states = x_T, [x_T]
+        for i in range(len(ts) if own_sample else int(pick.max())):  # one pass per state after the first
+            x0 = model(x, torch.full((x.shape[0],), ts[i], device=x.device, dtype=torch.long), b.cond)[0]
+            if i + 1 < len(ts):
+                x = schedule.add_noise(x0, noises[i], ts[i + 1])
+                states.append(x)
+        if own_sample:
+            b.z0 = x0
+        z_t = torch.stack(states)[pick.to(x.device), torch.arange(fc.batch_size, device=x.device)]
+        return z_t, torch.tensor(ts)[pick].to(self.device)
 
     def after_step(self, b: Micro, sync) -> dict[str, torch.Tensor]:
         """The fake score model follows the student's samples; the discriminator heads learn real vs fake."""
