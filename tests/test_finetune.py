@@ -183,6 +183,77 @@ def test_finetune_resumes_from_its_checkpoint(tiny_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# finetune.inputs=sampler: the student trains on the states its own few-step sampler visits
+
+
+@pytest.mark.parametrize("gan_real", ["teacher", "student-multistep"])
+def test_sampler_inputs_are_the_states_the_inference_sampler_visits(setup, gan_real):
+    """Each training input is the state the N-step TLCM sampler (the one evaluate and the exported scheduler run)
+    is at when it reaches the drawn milestone, with the same re-noising draws; with the student's own multi-step
+    sample as the GAN's real side, that sample is the sampler's output."""
+    from tlcm_core.samplers import student_x0_fn, tlcm_sample
+    from tlcm_core.schedule import milestones, sampler_timesteps
+    from tlcm_core.stages.finetune import FinetuneModels, FinetuneObjective, Micro
+
+    pipe, unet, model, cond, uncond = setup
+    with torch.no_grad():  # a student that is not the teacher, so every state depends on the one before
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    cfg = load_config("toy-fast", ["finetune.inputs=sampler", "finetune.sampler_steps=[2,4]", "finetune.batch_size=6",
+                                   f"finetune.gan_real={gan_real}", "finetune.gan_weight=0.1"])
+    models = FinetuneModels(pipe, model, ["a red circle", "a blue square"], cond, uncond,
+                            heads=DiscriminatorHeads(8), real_pool=(None, None) if gan_real == "teacher" else None)
+    obj = FinetuneObjective(cfg, cfg.finetune, models, torch.device("cpu"), {})
+    bounds = milestones(model.schedule.T, cfg.schedule.segments)
+    assert obj.grids == {2: sampler_timesteps(2, bounds), 4: sampler_timesteps(4, bounds)} == \
+        {2: [999, 499], 4: [999, 749, 499, 124]}
+    seen_n = set()
+    for k in range(6):
+        b = Micro(k, torch.Generator().manual_seed(100 + k), cond=cond[torch.tensor([0, 1, 0, 1, 0, 1])])
+        x_T = torch.randn(6, 4, 16, 16, generator=torch.Generator().manual_seed(k))
+        z_t, t = obj.sampler_states(b, x_T)
+        # the same draws, in the order the objective makes them: N, each sample's milestone, the re-noising
+        g = torch.Generator().manual_seed(100 + k)
+        ts = obj.grids[cfg.finetune.sampler_steps[int(torch.randint(2, (1,), generator=g))]]
+        pick = torch.randint(len(ts), (6,), generator=g)
+        noises = [torch.randn(x_T.shape, generator=g) for _ in ts[1:]]
+        visited = []
+
+        def x0_fn(x, tt):
+            visited.append((x.clone(), int(tt[0])))
+            return student_x0_fn(model, b.cond)(x, tt)
+
+        final = tlcm_sample(x0_fn, x_T, ts, model.schedule, noises=noises)
+        seen_n.add(len(ts))
+        assert t.tolist() == [ts[i] for i in pick.tolist()]
+        for j, i in enumerate(pick.tolist()):
+            assert visited[i][1] == ts[i]
+            torch.testing.assert_close(z_t[j], visited[i][0][j])
+        if gan_real == "student-multistep":
+            torch.testing.assert_close(b.z0, final)
+        else:
+            assert b.z0 is None  # no pass beyond the deepest state drawn
+    assert seen_n == {2, 4}
+
+
+def test_finetune_stage_on_sampler_states(unphased, tiny_dir, tmp_path):
+    """finetune.inputs=sampler trains (every term, a new fingerprint) and the paper's eq. 9 stays the default."""
+    ft, art, cfg = unphased
+    assert cfg.finetune.inputs == "renoised"
+    other = _ft_config(tiny_dir, tmp_path, "finetune.inputs=sampler", "finetune.sampler_steps=[2]")
+    res = run_pipeline(other, reporter=SilentReporter())
+    sim = res[2]
+    assert sim.fingerprint != ft.fingerprint
+    assert {"reward", "dmd", "gan_g", "gan_d", "fake"} <= set(sim.summary["final"])
+    a, b = art.load_tensors("lora.safetensors"), _finetune_art(other, sim).load_tensors("lora.safetensors")
+    init = open_store(other).artifact("mlcd", res[1].fingerprint).load_tensors("lora.safetensors")
+    assert a.keys() == b.keys() == init.keys()
+    assert any(not torch.equal(b[k], init[k]) for k in b)  # it trained ...
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # ... on other inputs than eq. 9's
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Phases (finetune.phases): consecutive trainings of the one LoRA
 
 

@@ -133,3 +133,10 @@ def test_lcd_with_an_mlcd_anchor_reads_the_teachers_pairs_and_logs_both_terms(tm
     log = [json.loads(line) for line in art.read_bytes("train_log.jsonl").decode().splitlines()]
     assert {"consistency", "mlcd_anchor"} <= set(log[-1]) and log[-1]["mlcd_anchor"] > 0
     assert abs(log[-1]["loss"] - log[-1]["consistency"] - log[-1]["mlcd_anchor"]) < 1e-6
+    # a smaller anchor batch (lcd.anchor_batch_size) is a different training of the same stage
+    small = load_config("toy-fast", [*base, "lcd.mlcd_weight=0.5", "lcd.anchor_batch_size=2"])
+    res2 = run_pipeline(small, reporter=SilentReporter())
+    assert res2[2].fingerprint == res[2].fingerprint and res2[3].fingerprint != res[3].fingerprint
+    a = art.load_tensors("lora.safetensors")
+    b = open_store(small).artifact("lcd", res2[3].fingerprint).load_tensors("lora.safetensors")
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)

@@ -234,6 +234,9 @@ class LCDConfig(ConsistencyConfig):
     # MLCD's loss (eq. 7) on the teacher's pairs, with this weight, added to every LCD step: keeps the student on the
     # teacher's trajectories while LCD ties the segments together. 0: LCD alone, as the paper
     mlcd_weight: float = Field(0.0, ge=0)
+    # the anchor's batch of teacher pairs per step (None: lcd.batch_size); smaller is cheaper: each anchor pair costs
+    # what an LCD pair costs (a student pass with grad, one without)
+    anchor_batch_size: int | None = Field(None, ge=1)
 
 
 # What a finetune phase (finetune.phases) may set: how long and how it trains, and which terms act with what weight.

@@ -90,9 +90,11 @@ class ConsistencyObjective:
 
 
 def train_consistency(ctx: StageContext, tcfg: TrainerConfig, loss_fn: ConsistencyLoss,
-                      init_input: str | None = None, anchor_weight: float = 0.0) -> dict:
-    """Train the student LoRA on the `pairs` input with `loss_fn` (plus `anchor_weight` x MLCD's loss on the
-    `anchor` input's pairs); write lora.safetensors and the training log."""
+                      init_input: str | None = None, anchor_weight: float = 0.0,
+                      anchor_batch_size: int | None = None) -> dict:
+    """Train the student LoRA on the `pairs` input with `loss_fn` (plus `anchor_weight` x MLCD's loss on batches of
+    `anchor_batch_size` (default: the trainer's) of the `anchor` input's pairs); write lora.safetensors and the
+    training log."""
     cfg = ctx.cfg
     device = stage_device(ctx)
     schedule = load_schedule(cfg.teacher)
@@ -105,7 +107,8 @@ def train_consistency(ctx: StageContext, tcfg: TrainerConfig, loss_fn: Consisten
         latent_lpips = resolve_latent_lpips(cfg, ctx.out.store, lpips_art.uri if lpips_art else None, device=device)
     distance = make_distance(tcfg.distance, tcfg.huber_c, latent_lpips)
     data = PairBatches(ctx.inputs["pairs"], tcfg.batch_size, seed=cfg.compute.seed, prefetch=tcfg.prefetch)
-    anchor = (PairBatches(ctx.inputs["anchor"], tcfg.batch_size, seed=cfg.compute.seed, prefetch=tcfg.prefetch),
+    anchor = (PairBatches(ctx.inputs["anchor"], anchor_batch_size or tcfg.batch_size, seed=cfg.compute.seed,
+                          prefetch=tcfg.prefetch),
               anchor_weight) if anchor_weight else None
     weights = adapter_weights(unet)
     state = TrainState({"student": weights}, {"student": make_optimizer(weights.parameters(), tcfg)})

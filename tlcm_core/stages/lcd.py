@@ -37,7 +37,7 @@ def lcd_loss(student: Denoiser, batch: Batch, distance, compare: str = "x0") -> 
 def run(ctx: StageContext) -> dict:
     lc = ctx.cfg.lcd
     return train_consistency(ctx, lc, partial(lcd_loss, compare=lc.compare), init_input="init",
-                             anchor_weight=lc.mlcd_weight)
+                             anchor_weight=lc.mlcd_weight, anchor_batch_size=lc.anchor_batch_size)
 
 
 def _inputs(cfg) -> dict[str, str]:
