@@ -277,6 +277,9 @@ class FinetuneConfig(TrainerConfig):
     fake_rank: int = Field(16, ge=1)
     dmd_t_min: int = Field(20, ge=1)
     dmd_t_max: int = Field(980, ge=1)
+    # the CFG scale of DMD's real score (None: schedule.guidance, the scale the teacher's pairs were made with, as
+    # DMD/DMD2 use the teacher's own); a lower scale asks the student for the less mode-seeking guided distribution
+    dmd_guidance: float | None = Field(None, ge=1.0)
     # adversarial, TLCM eq. 13: discriminator = the frozen teacher's features (a UNet's encoder half, a transformer's
     # image tokens part-way through: ModelFamily.discriminator_features) + small trainable heads
     gan_weight: float = Field(0.0, ge=0)

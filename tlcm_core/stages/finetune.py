@@ -257,8 +257,9 @@ class FinetuneObjective:
                                                               fc.reward_margin).mean()
         if fc.dmd_weight:  # TLCM eq. 12
             td = torch.randint(fc.dmd_t_min, fc.dmd_t_max, (fc.batch_size,), generator=g).to(self.device)
+            w = self.cfg.schedule.guidance if fc.dmd_guidance is None else fc.dmd_guidance
             grad = dmd_gradient(model, self.unet, x0, td, torch.randn(x0.shape, generator=g).to(x0), cond,
-                                self.uncond, self.cfg.schedule.guidance)
+                                self.uncond, w)
             terms["dmd"] = fc.dmd_weight * dmd_loss(x0, grad)
         if self.heads is not None:  # TLCM eq. 13, generator side
             tg = torch.randint(0, schedule.T, (fc.batch_size,), generator=g).to(self.device)
