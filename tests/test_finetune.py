@@ -237,6 +237,22 @@ def test_sampler_inputs_are_the_states_the_inference_sampler_visits(setup, gan_r
     assert seen_n == {2, 4}
 
 
+def test_dmd_guidance_sets_the_real_scores_cfg_scale(setup):
+    """finetune.dmd_guidance replaces schedule.guidance in DMD's real score: with a student and a fake score that are
+    the teacher (both LoRAs zero), DMD pulls nowhere at scale 1 (fake = real) and somewhere at the presets' 7."""
+    from tlcm_core.stages.finetune import FinetuneModels, FinetuneObjective, Micro
+
+    pipe, unet, model, cond, uncond = setup
+    models = FinetuneModels(pipe, model, ["a red circle", "a blue square"], cond, uncond)
+    dmd = {}
+    for w in ("1", "null"):
+        cfg = load_config("toy-fast", ["finetune.dmd_weight=1", "finetune.reward_weight=0", "finetune.gan_weight=0",
+                                       "finetune.batch_size=2", "finetune.q=1", f"finetune.dmd_guidance={w}"])
+        obj = FinetuneObjective(cfg, cfg.finetune, models, torch.device("cpu"), {})
+        dmd[w] = obj.loss(Micro(0, torch.Generator().manual_seed(0)))["dmd"].item()
+    assert cfg.schedule.guidance > 1 and dmd["1"] == 0.0 < dmd["null"]
+
+
 def test_finetune_stage_on_sampler_states(unphased, tiny_dir, tmp_path):
     """finetune.inputs=sampler trains (every term, a new fingerprint) and the paper's eq. 9 stays the default."""
     ft, art, cfg = unphased
