@@ -186,32 +186,54 @@ def test_finetune_resumes_from_its_checkpoint(tiny_dir, tmp_path):
 # finetune.inputs=sampler: the student trains on the states its own few-step sampler visits
 
 
-@pytest.mark.parametrize("gan_real", ["teacher", "student-multistep"])
-def test_sampler_inputs_are_the_states_the_inference_sampler_visits(setup, gan_real):
+def _flow_teacher(name: str):
+    """A tiny FLUX.1- or SD3-shaped teacher (tests/tiny_flow.py) with a student and a fake score adapter."""
+    from tiny_flow import MAX_SEQ, PROMPTS, RES, tiny_flux, tiny_sd3
+
+    from tlcm_core.models import teacher_denoiser
+
+    pipe = {"flux": tiny_flux, "sd3": tiny_sd3}[name]()
+    net = pipe.transformer
+    attach_lora(net, LoRAConfig(rank=4, alpha=4))
+    attach_lora(net, LoRAConfig(rank=4, alpha=4), adapter_name=FAKE)
+    net.set_adapter(ADAPTER)
+    cond, uncond = encode_prompts(pipe, PROMPTS, RES, max_sequence_length=MAX_SEQ)
+    return pipe, net, teacher_denoiser(pipe, RES), cond, uncond
+
+
+@pytest.mark.parametrize("teacher, grid, gan_real", [("unet", "official", "teacher"),
+                                                     ("unet", "official", "student-multistep"),
+                                                     ("flux", "sigma", "student-multistep"),
+                                                     ("sd3", "sigma", "teacher")])
+def test_sampler_inputs_are_the_states_the_inference_sampler_visits(setup, teacher, grid, gan_real):
     """Each training input is the state the N-step TLCM sampler (the one evaluate and the exported scheduler run)
-    is at when it reaches the drawn milestone, with the same re-noising draws; with the student's own multi-step
-    sample as the GAN's real side, that sample is the sampler's output."""
+    is at when it reaches the drawn milestone, with the same re-noising draws, on the chosen milestone grid and for
+    every teacher family; with the student's own multi-step sample as the GAN's real side, that sample is the
+    sampler's output."""
+    from tlcm_core.models import latent_shape
     from tlcm_core.samplers import student_x0_fn, tlcm_sample
     from tlcm_core.schedule import milestones, sampler_timesteps
     from tlcm_core.stages.finetune import FinetuneModels, FinetuneObjective, Micro
 
-    pipe, unet, model, cond, uncond = setup
+    pipe, net, model, cond, uncond = setup if teacher == "unet" else _flow_teacher(teacher)
     with torch.no_grad():  # a student that is not the teacher, so every state depends on the one before
-        for n, p in unet.named_parameters():
+        for n, p in net.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     cfg = load_config("toy-fast", ["finetune.inputs=sampler", "finetune.sampler_steps=[2,4]", "finetune.batch_size=6",
-                                   f"finetune.gan_real={gan_real}", "finetune.gan_weight=0.1"])
+                                   f"finetune.sampler_grid={grid}", f"finetune.gan_real={gan_real}",
+                                   "finetune.gan_weight=0.1"])
     models = FinetuneModels(pipe, model, ["a red circle", "a blue square"], cond, uncond,
                             heads=DiscriminatorHeads(8), real_pool=(None, None) if gan_real == "teacher" else None)
     obj = FinetuneObjective(cfg, cfg.finetune, models, torch.device("cpu"), {})
     bounds = milestones(model.schedule.T, cfg.schedule.segments)
-    assert obj.grids == {2: sampler_timesteps(2, bounds), 4: sampler_timesteps(4, bounds)} == \
-        {2: [999, 499], 4: [999, 749, 499, 124]}
+    assert obj.grids == {n: sampler_timesteps(n, bounds, grid, model.schedule) for n in (2, 4)}
+    if teacher == "unet":  # the release's grid
+        assert obj.grids == {2: [999, 499], 4: [999, 749, 499, 124]}
     seen_n = set()
     for k in range(6):
         b = Micro(k, torch.Generator().manual_seed(100 + k), cond=cond[torch.tensor([0, 1, 0, 1, 0, 1])])
-        x_T = torch.randn(6, 4, 16, 16, generator=torch.Generator().manual_seed(k))
+        x_T = torch.randn(6, *latent_shape(pipe, 32), generator=torch.Generator().manual_seed(k))
         z_t, t = obj.sampler_states(b, x_T)
         # the same draws, in the order the objective makes them: N, each sample's milestone, the re-noising
         g = torch.Generator().manual_seed(100 + k)
