@@ -103,6 +103,22 @@ def _dump(cfg: PipelineConfig, path: str) -> Any:
 
 DERIVED = ("teacher", "trajectories.prompts", "lora.target_modules")
 
+# Fields added after artifacts were made without them: hashed only when set away from their default (which must be
+# the behaviour from before the field), so adding a field keeps every fingerprint a config at its default had.
+HASHED_UNLESS_DEFAULT = ("compute.cpu_dtype",)
+
+
+def _field_default(path: str) -> Any:
+    model: Any = PipelineConfig
+    *sections, leaf = path.split(".")
+    for part in sections:
+        model = model.model_fields[part].annotation
+    return model.model_fields[leaf].get_default(call_default_factory=True)
+
+
+def _at_default(cfg: PipelineConfig, path: str) -> bool:
+    return _dump(cfg, path) == _field_default(path)
+
 
 def config_slice(stage: Stage, cfg: PipelineConfig, derived: dict[str, Any] | None = None) -> dict[str, Any]:
     """The part of the config that determines the stage's output: its declared reads (derived values in place of
@@ -118,14 +134,16 @@ def config_slice(stage: Stage, cfg: PipelineConfig, derived: dict[str, Any] | No
 
     out: dict[str, Any] = {}
     for path in stage.reads_for(cfg):
+        if path in HASHED_UNLESS_DEFAULT and _at_default(cfg, path):
+            continue
         value = value_of(path) if path in DERIVED else _dump(cfg, path)
         for d in DERIVED:  # e.g. reads=("trajectories",): hash the prompts' digest, not the file's location
             if d.startswith(path + "."):
                 value[d[len(path) + 1:]] = value_of(d)
         if isinstance(value, dict):
-            for use in stage.uses:
-                if use.startswith(path + "."):
-                    value.pop(use[len(path) + 1:], None)
+            for field in stage.uses + tuple(f for f in HASHED_UNLESS_DEFAULT if _at_default(cfg, f)):
+                if field.startswith(path + "."):
+                    value.pop(field[len(path) + 1:], None)
         out[path] = value
     return out
 

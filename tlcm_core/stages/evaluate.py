@@ -51,7 +51,7 @@ def _inputs(cfg) -> dict[str, str]:
 def _reads(cfg) -> tuple[str, ...]:
     # evaluation prompts: the captions file, else the toy world's prompts, else the training prompts
     prompts = () if uses_captions(cfg) or cfg.teacher.toy_world else ("trajectories.prompts",)
-    return ("teacher", "evaluate", "schedule", "lora", "compute.dtype", *prompts)
+    return ("teacher", "evaluate", "schedule", "lora", "compute.dtype", "compute.cpu_dtype", *prompts)
 
 
 # version 3: the side-by-side grid and the metrics plot; 4: the teacher's rows from the teacher-evaluate artifact;

@@ -84,6 +84,6 @@ def run(ctx: StageContext) -> dict:
 
 STAGE = Stage("lcd-trajectories", version=2, run=run,
               reads=("teacher", "schedule", "lcd_trajectories", "trajectories.prompts", "trajectories.storage_dtype",
-                     "lora", "compute.seed", "compute.dtype"),
+                     "lora", "compute.seed", "compute.dtype", "compute.cpu_dtype"),
               uses=("lcd_trajectories.batch_size", "trajectories.batch_size"), inputs=lambda cfg: {"lora": "mlcd"},
               num_shards=lambda cfg: -(-cfg.lcd_trajectories.num_samples // cfg.lcd_trajectories.shard_size))

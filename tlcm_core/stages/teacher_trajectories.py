@@ -89,6 +89,6 @@ def run(ctx: StageContext) -> dict:
 
 
 STAGE = Stage("teacher-trajectories", version=2, run=run,
-              reads=("teacher", "schedule", "trajectories", "compute.seed", "compute.dtype"),
+              reads=("teacher", "schedule", "trajectories", "compute.seed", "compute.dtype", "compute.cpu_dtype"),
               uses=("trajectories.batch_size",),  # batching does not change the samples
               num_shards=lambda cfg: -(-cfg.trajectories.num_samples // cfg.trajectories.shard_size))
