@@ -169,6 +169,22 @@ def test_fingerprints_follow_the_declared_reads():
         assert [s for s in base.stages if changed[s].fingerprint != base[s].fingerprint] == ["evaluate"], student
 
 
+def test_fields_added_later_are_hashed_only_away_from_their_default():
+    from tlcm_core.config import load_config
+    from tlcm_core.pipeline import plan
+    from tlcm_core.stage import HASHED_UNLESS_DEFAULT, _field_default, config_slice
+    from tlcm_core.stages import REGISTRY
+
+    stages = "stages=[teacher-trajectories,mlcd,lcd-trajectories,lcd,evaluate]"
+    cfg = load_config("toy-fast", [stages])
+    for path in HASHED_UNLESS_DEFAULT:
+        _field_default(path)  # a field of the config (a typo would raise here)
+        assert not any(path in config_slice(stage, cfg) for stage in REGISTRY.values())
+    base = plan(cfg)
+    bf16 = plan(load_config("toy-fast", [stages, "compute.cpu_dtype=bfloat16"]))
+    assert all(bf16[s].fingerprint != base[s].fingerprint for s in base.stages)  # every stage samples or follows one
+
+
 @pytest.mark.slow
 def test_every_stage_reads_exactly_what_it_declares(tmp_path, monkeypatch):
     """All nine stages on a tiny toy run (latent LPIPS as MLCD's distance, every finetune term, every export

@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler
 from tlcm_core.config import LoRAConfig, TeacherConfig
 from tlcm_core.lora import LoRAError, attach_lora, check_lora, load_lora_into, lora_metadata, lora_state_dict
 from tlcm_core.models import Denoiser, encode_prompts, load_pipeline
-from tlcm_core.samplers import ddim_sample, student_x0_fn, teacher_x0_fn, tlcm_sample
+from tlcm_core.samplers import ddim_sample, student_x0_fn, teacher_x0_fn, tlcm_sample, tlcm_states
 from tlcm_core.schedule import NoiseSchedule, ddim_timesteps, milestones, sampler_timesteps
 
 
@@ -59,6 +59,28 @@ def test_tlcm_sampler_forms(pipe):
     torch.testing.assert_close(one, fn(x_T, torch.full((2,), 999)))
     # multistep with the teacher's own x0 through milestones == deterministic DDIM on those timesteps
     torch.testing.assert_close(c, ddim_sample(fn, x_T, ts, schedule))
+
+
+def test_tlcm_states_are_the_sampler_step_by_step_and_lazy(pipe):
+    schedule = NoiseSchedule.from_config(dict(pipe.scheduler.config))
+    cond, _ = encode_prompts(pipe, ["a red circle"] * 2, 32)
+    fn = student_x0_fn(Denoiser(pipe.unet, schedule), cond)
+    calls = []
+    counted = lambda x, t: calls.append(int(t[0])) or fn(x, t)  # noqa: E731
+    x_T = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    ts = sampler_timesteps(4, milestones(1000, 8))
+    for mode in ("renoise", "multistep"):
+        calls.clear()
+        items = list(tlcm_states(counted, x_T, ts, schedule, mode, generator=torch.Generator().manual_seed(3)))
+        assert len(items) == len(ts) + 1 and items[0] is x_T and calls == ts
+        sample = tlcm_sample(fn, x_T, ts, schedule, mode=mode, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(items[-1], sample)
+    calls.clear()  # the first two states cost one call: the model at ts[0]
+    run = tlcm_states(counted, x_T, ts, schedule, generator=torch.Generator().manual_seed(3))
+    first_two = [next(run), next(run)]
+    assert calls == ts[:1] and not torch.equal(first_two[0], first_two[1])
+    with pytest.raises(ValueError, match="unknown sampler mode"):
+        next(tlcm_states(fn, x_T, ts, schedule, mode="ancestral"))
 
 
 def test_lora_round_trip_and_checks(pipe, tmp_path):

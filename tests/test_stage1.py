@@ -107,6 +107,58 @@ def test_stored_pairs_are_mds_states_and_one_teacher_jump(tiny_teacher, tmp_path
             torch.testing.assert_close(torch.from_numpy(x_lo[i:i + 1]), lo, rtol=1e-4, atol=1e-4)
 
 
+def test_cpu_dtype_bfloat16_samples_with_bfloat16_weights(tiny_teacher, tmp_path, monkeypatch):
+    """compute.cpu_dtype=bfloat16: the trajectory stage's teacher runs in bfloat16 on the CPU (pairs that differ from
+    float32's by bfloat16 rounding, not more), under its own fingerprint; the default's fingerprint is the one from
+    before the field existed (tlcm_core/stage.py HASHED_UNLESS_DEFAULT)."""
+    import tlcm_core.models as models
+    from tlcm_core.stage import config_slice
+    from tlcm_core.stages import REGISTRY
+
+    cfg32 = tiny_config(tiny_teacher, str(tmp_path / "store"), "trajectories.num_samples=16")
+    cfg16 = tiny_config(tiny_teacher, str(tmp_path / "store"), "trajectories.num_samples=16", "compute.cpu_dtype=bfloat16")
+    assert "compute.cpu_dtype" not in config_slice(REGISTRY["teacher-trajectories"], cfg32)
+    assert config_slice(REGISTRY["teacher-trajectories"], cfg16)["compute.cpu_dtype"] == "bfloat16"
+    seen = []
+    real_load = models.load_pipeline
+    monkeypatch.setattr(models, "load_pipeline", lambda teacher, device, dtype=torch.float32:
+                        seen.append(dtype) or real_load(teacher, device, dtype))
+    (a,) = run_pipeline(cfg32, stages=["teacher-trajectories"], reporter=SilentReporter())
+    (b,) = run_pipeline(cfg16, stages=["teacher-trajectories"], reporter=SilentReporter())
+    assert seen == [torch.float32, torch.bfloat16] and a.fingerprint != b.fingerprint
+    store = open_store(cfg32)
+    x32 = store.artifact("teacher-trajectories", a.fingerprint).open_array("x_lo")[...]
+    x16 = store.artifact("teacher-trajectories", b.fingerprint).open_array("x_lo")[...]
+    assert x16.dtype == np.float32 and np.isfinite(x16).all()
+    err = np.abs(x16 - x32).max() / np.abs(x32).max()
+    assert 0 < err < 0.05, err  # bfloat16 keeps 8 bits of mantissa: ~0.4% per operation
+
+
+def test_cpu_dtype_bfloat16_warns_once_where_the_cpu_emulates_it(monkeypatch, caplog):
+    import logging
+
+    import tlcm_core.models as models
+    from tlcm_core.config import ComputeConfig
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    models._warn_emulated_bf16.cache_clear()
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger="tlcm"):
+        assert models.resolve_dtype(ComputeConfig(), cpu) == torch.float32
+        assert not caplog.records  # float32: nothing to say
+        for _ in range(2):
+            assert models.resolve_dtype(ComputeConfig(cpu_dtype="bfloat16"), cpu) == torch.bfloat16
+    assert len(caplog.records) == 1 and "compute.cpu_dtype=float32" in caplog.records[0].getMessage()
+    models._warn_emulated_bf16.cache_clear()
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    caplog.clear()
+    assert models.resolve_dtype(ComputeConfig(cpu_dtype="bfloat16"), cpu) == torch.bfloat16
+    assert not caplog.records
+    # on an accelerator compute.dtype decides, as before
+    assert models.resolve_dtype(ComputeConfig(dtype="float16", cpu_dtype="bfloat16"), torch.device("cuda")) == \
+        torch.float16
+
+
 def test_two_shard_workers_at_once_then_commit(tiny_teacher, tmp_path):
     """Two processes fill disjoint shards of one artifact at the same time (both encode the text conditioning);
     the final run commits; the result equals a single-process run byte for byte."""

@@ -8,10 +8,12 @@ arguments (k-diffusion style), so a cached target can be reproduced from a seed:
   euler_sample          the Euler steps of FlowMatchEulerDiscreteScheduler (a flow teacher's reference sampler)
   teacher_sample        the teacher's own baseline: DDIM + CFG on trailing timesteps, or Euler on its stock grid
   tlcm_sample           few-step sampling on milestone timesteps (the official inference sampler)
+  tlcm_states           the same, one state at a time (what the model sees at each timestep)
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Callable, Literal
 
 import torch
@@ -91,21 +93,31 @@ def tlcm_sample(x0_fn: X0Fn, x_T: torch.Tensor, timesteps: list[int], schedule: 
     multistep (the multistep-consistency form): a deterministic DDIM jump to the next milestone.
     Both end with the x0 predicted at the last timestep. Fresh noise comes from `generator` (or `noises`).
     """
+    *_, x0 = tlcm_states(x0_fn, x_T, timesteps, schedule, mode, generator, noises)
+    return x0
+
+
+def tlcm_states(x0_fn: X0Fn, x_T: torch.Tensor, timesteps: list[int], schedule: NoiseSchedule,
+                mode: Literal["renoise", "multistep"] = "renoise", generator: torch.Generator | None = None,
+                noises: list[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+    """`tlcm_sample` one state at a time: yields the state the model sees at each of `timesteps` (x_T first), then
+    the sample. Each item after the first costs one model call, made when the caller asks for the item, so a caller
+    that needs only the first k states (stage 3's inputs, DMD2's backward simulation) stops after k - 1 calls."""
+    if mode not in ("renoise", "multistep"):
+        raise ValueError(f"unknown sampler mode {mode!r}; use renoise or multistep")
     x = x_T
     for i, t in enumerate(timesteps):
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        x0 = x0_fn(x, tt)
+        yield x
+        x0 = x0_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         if i + 1 == len(timesteps):
-            return x0
+            yield x0
+            return
         s = timesteps[i + 1]
         if mode == "renoise":
             eps = noises[i] if noises is not None else torch.randn(x.shape, generator=generator, device="cpu").to(x)
             x = schedule.add_noise(x0, eps, s)
-        elif mode == "multistep":
-            x = ddim(schedule, x, x0, t, s)
         else:
-            raise ValueError(f"unknown sampler mode {mode!r}; use renoise or multistep")
-    return x
+            x = ddim(schedule, x, x0, t, s)
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ from ..models import (Conditioning, Denoiser, decode_latents_grad, encode_prompt
                       network_of, teacher_denoiser, teacher_grid, teacher_identity)
 from ..prompts import load_prompts
 from ..rewards import build_scorer, negative_prompts, reward_hinge
-from ..samplers import student_clean_latents, teacher_sample
+from ..samplers import student_clean_latents, teacher_sample, tlcm_states
 from ..schedule import milestones, sampler_timesteps
 from ..stage import Stage, StageContext
 from ..training import CheckpointIO, TrainResult, TrainState, make_optimizer, train
@@ -228,6 +228,7 @@ class FinetuneObjective:
         self.upper = sorted(bounds)[1:]
         self.grids = {n: sampler_timesteps(n, bounds, fc.sampler_grid, self.model.schedule) for n in fc.sampler_steps}
         self.shape = latent_shape(self.pipe, cfg.teacher.resolution)
+        self.dmd_guidance = cfg.schedule.guidance if fc.dmd_guidance is None else fc.dmd_guidance  # the real score's
 
     def batches(self, start: int):
         seed = self.cfg.compute.seed
@@ -257,9 +258,8 @@ class FinetuneObjective:
                                                               fc.reward_margin).mean()
         if fc.dmd_weight:  # TLCM eq. 12
             td = torch.randint(fc.dmd_t_min, fc.dmd_t_max, (fc.batch_size,), generator=g).to(self.device)
-            w = self.cfg.schedule.guidance if fc.dmd_guidance is None else fc.dmd_guidance
             grad = dmd_gradient(model, self.unet, x0, td, torch.randn(x0.shape, generator=g).to(x0), cond,
-                                self.uncond, w)
+                                self.uncond, self.dmd_guidance)
             terms["dmd"] = fc.dmd_weight * dmd_loss(x0, grad)
         if self.heads is not None:  # TLCM eq. 13, generator side
             tg = torch.randint(0, schedule.T, (fc.batch_size,), generator=g).to(self.device)
@@ -279,15 +279,11 @@ class FinetuneObjective:
         pick = torch.randint(len(ts), (fc.batch_size,), generator=g)
         noises = [torch.randn(x_T.shape, generator=g).to(x_T) for _ in ts[1:]]
         own_sample = self.heads is not None and self.real_pool is None
-        x, states = x_T, [x_T]
-        for i in range(len(ts) if own_sample else int(pick.max())):  # one pass per state after the first
-            x0 = model(x, torch.full((x.shape[0],), ts[i], device=x.device, dtype=torch.long), b.cond)[0]
-            if i + 1 < len(ts):
-                x = schedule.add_noise(x0, noises[i], ts[i + 1])
-                states.append(x)
+        run = tlcm_states(lambda x, t: model(x, t, b.cond)[0], x_T, ts, schedule, noises=noises)
+        states = list(itertools.islice(run, len(ts) + 1 if own_sample else int(pick.max()) + 1))
         if own_sample:
-            b.z0 = x0
-        z_t = torch.stack(states)[pick.to(x.device), torch.arange(fc.batch_size, device=x.device)]
+            b.z0 = states.pop()
+        z_t = torch.stack(states)[pick.to(x_T.device), torch.arange(fc.batch_size, device=x_T.device)]
         return z_t, torch.tensor(ts)[pick].to(self.device)
 
     def after_step(self, b: Micro, sync) -> dict[str, torch.Tensor]:
