@@ -150,8 +150,8 @@ class ComputeConfig(Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # training/inference autocast dtype on GPU
     # the frozen pipelines' weights on a CPU: the teacher and student sampling of the trajectory and evaluation stages
-    # (training stays float32). bfloat16 samples ~1.8x faster on CPUs with AVX512-BF16 or AMX and much slower on
-    # others (preflight says which this machine is); half the weights' memory either way. docs/performance.md
+    # (training stays float32). bfloat16 samples ~1.8x faster on CPUs with AVX512-BF16 or AMX and slower on others
+    # (a warning says so); half the weights' memory either way (README, "What each stage costs")
     cpu_dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = Field(0, ge=0)
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; None keeps torch's")
