@@ -9,26 +9,15 @@ trajectory and evaluation stages load them, and how far bfloat16's outputs are f
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from common import report
+from common import report, timed
 from tlcm_core.config import ComputeConfig, LoRAConfig, TeacherConfig
 from tlcm_core.lora import attach_lora, lora_parameters
 from tlcm_core.models import (Denoiser, cpu_has_native_bf16, encode_prompts, latent_shape, load_pipeline,
                               resolve_dtype, schedule_of)
 from tlcm_core.samplers import teacher_sample
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main():

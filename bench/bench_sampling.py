@@ -7,28 +7,17 @@ ratio of UNet evaluations (25 x 2 / N). Decoding is excluded (it is the same for
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from _toy import teacher_source
-from common import report
+from common import report, timed
 from tlcm_core.config import LoRAConfig, TeacherConfig
 from tlcm_core.lora import attach_lora, merge_lora
 from tlcm_core.models import Denoiser, encode_prompts, latent_shape, load_pipeline
 from tlcm_core.samplers import ddim_sample, student_x0_fn, teacher_x0_fn, tlcm_sample
 from tlcm_core.schedule import ddim_timesteps, milestones, sampler_timesteps
 from tlcm_core.models import schedule_of
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main():

@@ -8,6 +8,7 @@ import platform
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -48,6 +49,17 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def timed(fn, repeats: int) -> float:
+    """The best of `repeats` wall-clock seconds of `fn()`, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def peak_rss_mb() -> float:
