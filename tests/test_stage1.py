@@ -116,7 +116,8 @@ def test_cpu_dtype_bfloat16_samples_with_bfloat16_weights(tiny_teacher, tmp_path
     from tlcm_core.stages import REGISTRY
 
     cfg32 = tiny_config(tiny_teacher, str(tmp_path / "store"), "trajectories.num_samples=16")
-    cfg16 = tiny_config(tiny_teacher, str(tmp_path / "store"), "trajectories.num_samples=16", "compute.cpu_dtype=bfloat16")
+    cfg16 = tiny_config(tiny_teacher, str(tmp_path / "store"), "trajectories.num_samples=16",
+                        "compute.cpu_dtype=bfloat16")
     assert "compute.cpu_dtype" not in config_slice(REGISTRY["teacher-trajectories"], cfg32)
     assert config_slice(REGISTRY["teacher-trajectories"], cfg16)["compute.cpu_dtype"] == "bfloat16"
     seen = []

@@ -376,7 +376,8 @@ def decode_latents_grad(pipe, latents: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "Conditioning", "Denoiser", "TeacherError", "check_prompts", "check_teacher", "decode_latents",
     "encode_prompts", "is_sdxl", "latent_shape", "load_pipeline", "load_schedule", "load_unet", "network_of",
-    "cpu_has_native_bf16", "resolve_device", "resolve_dtype", "resolve_teacher_source", "sdxl_time_ids", "setup_threads",
+    "cpu_has_native_bf16", "resolve_device", "resolve_dtype", "resolve_teacher_source", "sdxl_time_ids",
+    "setup_threads",
     "supported_pipelines", "teacher_denoiser", "teacher_family", "teacher_identity", "vae_scale_factor_of",
 ]
 
