@@ -132,16 +132,17 @@ def config_slice(stage: Stage, cfg: PipelineConfig, derived: dict[str, Any] | No
         v = derived[path]
         return dict(v) if isinstance(v, dict) else v  # each slice its own dict: `uses` below may pop from it
 
+    at_default = tuple(f for f in HASHED_UNLESS_DEFAULT if _at_default(cfg, f))  # left out, read alone or in a section
     out: dict[str, Any] = {}
     for path in stage.reads_for(cfg):
-        if path in HASHED_UNLESS_DEFAULT and _at_default(cfg, path):
+        if path in at_default:
             continue
         value = value_of(path) if path in DERIVED else _dump(cfg, path)
         for d in DERIVED:  # e.g. reads=("trajectories",): hash the prompts' digest, not the file's location
             if d.startswith(path + "."):
                 value[d[len(path) + 1:]] = value_of(d)
         if isinstance(value, dict):
-            for field in stage.uses + tuple(f for f in HASHED_UNLESS_DEFAULT if _at_default(cfg, f)):
+            for field in stage.uses + at_default:
                 if field.startswith(path + "."):
                     value.pop(field[len(path) + 1:], None)
         out[path] = value
