@@ -158,22 +158,23 @@ class StopAt(SilentReporter):
             raise KeyboardInterrupt(f"preempted at {done}")
 
 
-def _resume_config(tiny_dir, store):
+def _resume_config(tiny_dir, store, *extra):
     return load_config("toy-fast", [
         f"teacher.source={tiny_dir}", f"store.url={store}", "stages=[teacher-trajectories,mlcd,finetune]",
         "trajectories.num_samples=16", "trajectories.shard_size=16", "mlcd.iterations=2", "mlcd.batch_size=8",
         "lora.rank=4", "finetune.iterations=6", "finetune.batch_size=2", "finetune.q=1", "finetune.log_every=1",
-        "finetune.checkpoint_every=2", "finetune.dmd_weight=1", "finetune.gan_weight=0.1"])
+        "finetune.checkpoint_every=2", "finetune.dmd_weight=1", "finetune.gan_weight=0.1", *extra])
 
 
-def test_finetune_resumes_from_its_checkpoint(tiny_dir, tmp_path):
-    cfg = _resume_config(tiny_dir, tmp_path / "store")
+@pytest.mark.parametrize("extra", [(), ("finetune.ema_decay=0.7",)], ids=["last-weights", "weight-average"])
+def test_finetune_resumes_from_its_checkpoint(tiny_dir, tmp_path, extra):
+    cfg = _resume_config(tiny_dir, tmp_path / "store", *extra)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg, reporter=StopAt(5))
     res = run_pipeline(cfg, reporter=SilentReporter())
     assert res[2].summary["resumed_from_step"] == 4  # the last checkpoint before the interruption
     # the same run uninterrupted ends with the same LoRA (each step's randomness is a function of the step)
-    other = _resume_config(tiny_dir, tmp_path / "other")
+    other = _resume_config(tiny_dir, tmp_path / "other", *extra)
     ref = run_pipeline(other, reporter=SilentReporter())
     a = open_store(cfg).artifact("finetune", res[2].fingerprint).load_tensors("lora.safetensors")
     b = open_store(other).artifact("finetune", ref[2].fingerprint).load_tensors("lora.safetensors")

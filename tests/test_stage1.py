@@ -77,6 +77,19 @@ def test_fingerprints_follow_the_config(tiny_teacher, tmp_path):
     assert base.dependents("mlcd") == ["mlcd", "evaluate"]
 
 
+def test_ema_decay_reaches_the_lora_and_only_its_own_fingerprint(tiny_teacher, tmp_path):
+    store = str(tmp_path / "store")
+    plain, avg = tiny_config(tiny_teacher, store), tiny_config(tiny_teacher, store, "mlcd.ema_decay=0.5")
+    a, b = plan(plain), plan(avg)
+    assert [s for s in a.stages if a[s].fingerprint != b[s].fingerprint] == ["mlcd", "evaluate"]
+    loras = []
+    for cfg in (plain, avg):
+        res = {r.stage: r for r in run_pipeline(cfg, reporter=SilentReporter())}
+        loras.append(open_store(cfg).artifact("mlcd", res["mlcd"].fingerprint).load_tensors("lora.safetensors"))
+    assert loras[0].keys() == loras[1].keys()
+    assert any(not torch.allclose(loras[0][k], loras[1][k]) for k in loras[0])
+
+
 def test_stored_pairs_are_mds_states_and_one_teacher_jump(tiny_teacher, tmp_path):
     """Recompute a few samples with a plain loop over mds_plan and compare with what the stage stored."""
     cfg = tiny_config(tiny_teacher, str(tmp_path / "store"), "trajectories.num_samples=16")

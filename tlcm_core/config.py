@@ -197,6 +197,9 @@ class TrainerConfig(Section):
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = Field(1.0, gt=0)
     warmup: int = Field(0, ge=0)
+    # > 0: the stage's LoRA is an exponential moving average of the student's weights over its steps (decay per
+    # optimiser step; 0 = the last step's weights, as the paper)
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(20, ge=1)
 
@@ -246,7 +249,7 @@ class LCDConfig(ConsistencyConfig):
 # What a finetune phase (finetune.phases) may set: how long and how it trains, and which terms act with what weight.
 # Everything else is built once for the stage and shared by its phases: the reward scorer, the fake score adapter's
 # rank, the GAN's loss and real side, the student's q-step sampler, DMD's t range, logging and checkpointing.
-PHASE_FIELDS = ("iterations", "lr", "batch_size", "grad_accum", "warmup", "weight_decay", "max_grad_norm",
+PHASE_FIELDS = ("iterations", "lr", "batch_size", "grad_accum", "warmup", "ema_decay", "weight_decay", "max_grad_norm",
                 "reward_weight", "reward_margin", "dmd_weight", "fake_score_lr", "fake_updates_per_step", "gan_weight",
                 "discriminator_lr")
 TERM_WEIGHTS = ("reward_weight", "dmd_weight", "gan_weight")

@@ -62,6 +62,37 @@ class ParamWeights:
             p.copy_(state[k])
 
 
+class EmaWeights:
+    """An exponential moving average of parameters, checkpointed with them. After the optimiser's n-th step
+    (n = 0, 1, ...) the average moves towards the parameters by 1 - d with d = min(decay, (1 + n) / (10 + n)): the
+    smaller early decay keeps the starting weights from dominating a short training. `copy_to_params` puts the
+    average into the parameters (what a stage then saves)."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = {k: p.detach().clone() for k, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, n: int) -> None:
+        d = min(self.decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(list(self.shadow.values()), [p.detach() for p in self.params.values()], 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for k, p in self.params.items():
+            p.copy_(self.shadow[k])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.to("cpu").contiguous() for k, v in self.shadow.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.shadow):
+            raise KeyError(f"checkpoint has {len(state)} averaged tensors, the model {len(self.shadow)}; keys differ")
+        for k, v in self.shadow.items():
+            v.copy_(state[k])
+
+
 @dataclass
 class TrainState:
     """Everything a training run saves and restores. `weights["student"]` and `optimizers["student"]` are the
@@ -227,12 +258,16 @@ def train(objective: Objective, state: TrainState, tcfg: TrainerConfig, *, name:
     """AdamW steps of the student with gradient accumulation, clipping, warmup, logging and resumable checkpoints.
     A log row holds `loss` (the student's total) and, when there are several, each term. `save_final` also
     checkpoints the last step: a training that others follow in one artifact (a finetune phase) leaves its end
-    state, so a resume restores it instead of training it again."""
+    state, so a resume restores it instead of training it again. With `ema_decay` the student's weights at the end
+    are the average of its steps' weights (`EmaWeights`, checkpointed as `student_ema`)."""
     sync = GradSync(accelerator)
     world, rank = sync.world, (accelerator.process_index if accelerator is not None else 0)
     opt = state.optimizers["student"]
     params = [p for g in opt.param_groups for p in g["params"]]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / tcfg.warmup) if tcfg.warmup else 1.0)
+    ema = EmaWeights(state.weights["student"].params, tcfg.ema_decay) if tcfg.ema_decay else None
+    if ema is not None:
+        state.weights["student_ema"] = ema  # before the resume, which restores it with the rest
     if ckpt.load_latest(state):
         sched.last_epoch = state.step  # as after `step` scheduler steps; the lr itself came with the optimiser
         reporter.log(f"{name}: resuming from checkpoint step {state.step}")
@@ -258,6 +293,8 @@ def train(objective: Objective, state: TrainState, tcfg: TrainerConfig, *, name:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(state.step)
         # 3) whatever the objective updates after the student (fake score model, discriminator)
         window.add(objective.after_step(batch, sync))
         state.step += 1
@@ -276,6 +313,8 @@ def train(objective: Objective, state: TrainState, tcfg: TrainerConfig, *, name:
                 accelerator.wait_for_everyone()
     if hasattr(source, "close"):
         source.close()  # stops a prefetch thread now, not whenever the generator is collected
+    if ema is not None:
+        ema.copy_to_params()
     elapsed = time.perf_counter() - t0
     rate = (state.step - start) / elapsed if elapsed > 0 and state.step > start else 0.0
     return TrainResult(state.log, start, rate)
