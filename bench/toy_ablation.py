@@ -69,7 +69,7 @@ def main():
         ev = results[-1].summary["rows"]
         for row in ev:
             if row["method"].startswith("teacher"):
-                rows.append({"variant": f"teacher DDIM+CFG", **_pick(row)})
+                rows.append({"variant": "teacher DDIM+CFG", **_pick(row)})
                 teacher_done = True
         for n in steps:
             row = next(r for r in ev if not r["method"].startswith("teacher") and r["steps"] == n)

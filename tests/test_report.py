@@ -70,7 +70,7 @@ def test_metrics_against_steps_plot_the_field_metrics_when_present():
              "aesthetic_score": 5.5, "image_reward": 0.1} for r in eval_rows()]
     (wt, ht), (wr, hr) = png_size(toy), png_size(metrics_vs_steps_png(real))
     assert wr > wt  # four panels (FID, CS, AS, IR) against two (accuracy, Frechet)
-    assert 600 <= wt <= 1200 and 250 <= ht <= 600
+    assert 600 <= wt <= 1200 and 250 <= ht <= 600 and ht <= hr <= 2 * ht  # at most two rows of panels
 
 
 def test_tables_keep_four_significant_digits():
