@@ -70,27 +70,21 @@ class EmaWeights:
 
     def __init__(self, params: dict[str, torch.nn.Parameter], decay: float):
         self.params, self.decay = params, decay
-        self.shadow = {k: p.detach().clone() for k, p in params.items()}
+        self.shadow = ParamWeights({k: p.detach().clone() for k, p in params.items()})  # what checkpoints hold
 
     @torch.no_grad()
     def update(self, n: int) -> None:
         d = min(self.decay, (1 + n) / (10 + n))
-        torch._foreach_lerp_(list(self.shadow.values()), [p.detach() for p in self.params.values()], 1.0 - d)
+        torch._foreach_lerp_(self.shadow.parameters(), [p.detach() for p in self.params.values()], 1.0 - d)
 
-    @torch.no_grad()
     def copy_to_params(self) -> None:
-        for k, p in self.params.items():
-            p.copy_(self.shadow[k])
+        ParamWeights(self.params).load_state_dict(self.shadow.params)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.to("cpu").contiguous() for k, v in self.shadow.items()}
+        return self.shadow.state_dict()
 
-    @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if set(state) != set(self.shadow):
-            raise KeyError(f"checkpoint has {len(state)} averaged tensors, the model {len(self.shadow)}; keys differ")
-        for k, v in self.shadow.items():
-            v.copy_(state[k])
+        self.shadow.load_state_dict(state)
 
 
 @dataclass
