@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 
 
+from _toy import probe_setup
 from common import report
-from tlcm_core.config import load_config
 from tlcm_core.evaluation import Sampler, ToyMetrics
 from tlcm_core.lora import read_lora
-from tlcm_core.models import load_pipeline, resolve_device, setup_threads
+from tlcm_core.models import load_pipeline
 from tlcm_core.schedule import milestones, sampler_timesteps
 
 
@@ -41,16 +41,11 @@ def score(sampler: Sampler, metrics: ToyMetrics, steps: int, n: int, seed: int, 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="toy-hard")
     ap.add_argument("--a", required=True, help="LoRA A (an mlcd/lcd/finetune artifact folder or a file)")
     ap.add_argument("--b", required=True, help="LoRA B")
     ap.add_argument("--steps", default="1,2,4")
-    ap.add_argument("--samples", type=int, default=1024)
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    args = ap.parse_args()
-    cfg = load_config(args.config, args.overrides)
-    setup_threads(cfg.compute)
-    device, ev = resolve_device(cfg.compute), cfg.evaluate
+    args, cfg, device = probe_setup(ap)
+    ev = cfg.evaluate
     samplers = {k: Sampler(cfg, load_pipeline(cfg.teacher, device), read_lora(ref).state)
                 for k, ref in (("A", args.a), ("B", args.b))}
     a, b = samplers["A"].denoiser, samplers["B"].denoiser

@@ -19,11 +19,11 @@ import argparse
 
 import torch
 
+from _toy import probe_setup
 from common import report
-from tlcm_core.config import load_config
 from tlcm_core.evaluation import Sampler, ToyMetrics, eval_noise
 from tlcm_core.lora import read_lora
-from tlcm_core.models import decode_latents, load_pipeline, resolve_device, setup_threads, teacher_denoiser
+from tlcm_core.models import decode_latents, load_pipeline, teacher_denoiser
 from tlcm_core.samplers import ddim_sample, student_x0_fn, teacher_x0_fn, tlcm_sample
 
 SECOND = 499  # the official 2-step grid: (999, 499)
@@ -43,14 +43,9 @@ def teacher_solve(teacher, cond, uncond, w: float, step: float = 999 / 25):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="toy-hard")
     ap.add_argument("--lora", required=True, help="the student's LoRA (an mlcd/lcd/finetune artifact folder or a file)")
-    ap.add_argument("--samples", type=int, default=1024)
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    args = ap.parse_args()
-    cfg = load_config(args.config, args.overrides)
-    setup_threads(cfg.compute)
-    device, ev = resolve_device(cfg.compute), cfg.evaluate
+    args, cfg, device = probe_setup(ap)
+    ev = cfg.evaluate
     student = Sampler(cfg, load_pipeline(cfg.teacher, device), read_lora(args.lora).state)
     teacher = teacher_denoiser(load_pipeline(cfg.teacher, device), cfg.teacher.resolution)
     metrics = ToyMetrics(cfg.teacher.toy_world, max(args.samples, 256), ev.seed)
