@@ -25,6 +25,7 @@ from tlcm_core.evaluation import Sampler, ToyMetrics, eval_noise
 from tlcm_core.lora import read_lora
 from tlcm_core.models import decode_latents, load_pipeline, teacher_denoiser
 from tlcm_core.samplers import ddim_sample, student_x0_fn, teacher_x0_fn, tlcm_sample
+from tlcm_core.schedule import ddim_timesteps
 
 SECOND = 499  # the official 2-step grid: (999, 499)
 
@@ -33,9 +34,8 @@ def teacher_solve(teacher, cond, uncond, w: float, step: float = 999 / 25):
     """x0_fn: the end of the teacher's CFG DDIM ODE from (x, t), in steps of about `step` timesteps."""
 
     def x0(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t0 = int(t[0])
-        k = max(1, round((t0 + 1) / step))
-        ts = [round(t0 - i * (t0 + 1) / k) for i in range(k)]
+        t0 = int(t[0])  # trailing DDIM steps from t0 down, as the teacher's own from 999
+        ts = ddim_timesteps(max(1, round((t0 + 1) / step)), t0 + 1)
         return ddim_sample(teacher_x0_fn(teacher, cond, uncond, w), x, ts, teacher.schedule)
 
     return x0
@@ -50,6 +50,8 @@ def main() -> None:
     teacher = teacher_denoiser(load_pipeline(cfg.teacher, device), cfg.teacher.resolution)
     metrics = ToyMetrics(cfg.teacher.toy_world, max(args.samples, 256), ev.seed)
     noise = eval_noise(args.samples, student.shape, ev.seed)
+    dtype = student.denoiser.unet.dtype
+    uncond = student.uncond.to(device, dtype)
     rows = []
     for first, second in (("student", "student"), ("teacher", "student"), ("student", "teacher"),
                           ("teacher", "teacher")):
@@ -57,9 +59,7 @@ def main() -> None:
         for i in range(0, args.samples, ev.batch_size):
             idx = torch.arange(i, min(i + ev.batch_size, args.samples))
             pidx = idx % len(student.prompts)
-            dtype = student.denoiser.unet.dtype
             cond = student.cond[pidx].to(device, dtype)
-            uncond = student.uncond.to(device, dtype)
             fns = {"student": student_x0_fn(student.denoiser, cond),
                    "teacher": teacher_solve(teacher, cond, uncond, cfg.schedule.guidance)}
 

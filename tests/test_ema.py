@@ -33,8 +33,8 @@ class Quadratic:
         return {}
 
 
-def _train(art, tcfg: TrainerConfig, stop_at: int | None = None, w0: torch.Tensor | None = None):
-    w = torch.nn.Parameter(torch.zeros(8) if w0 is None else w0.clone())
+def _train(art, tcfg: TrainerConfig, stop_at: int | None = None):
+    w = torch.nn.Parameter(torch.zeros(8))
     weights = ParamWeights({"w": w})
     state = TrainState({"student": weights}, {"student": make_optimizer(weights.parameters(), tcfg)})
     objective = Quadratic(w, stop_at)
