@@ -10,7 +10,7 @@ from tlcm_core.config import LoRAConfig, TeacherConfig, load_config
 from tlcm_core.stages.finetune import (FAKE, DiscriminatorHeads, discriminate, dmd_gradient, dmd_loss, fake_score_backward,
                                 gan_discriminator_loss, gan_generator_loss)
 from tlcm_core.families.unet import unet_encoder
-from tlcm_core.lora import ADAPTER, attach_lora
+from tlcm_core.lora import ADAPTER, adapters_disabled, attach_lora
 from tlcm_core.models import Denoiser, encode_prompts, load_pipeline
 from tlcm_core.pipeline import open_store, run_pipeline
 from tlcm_core.progress import SilentReporter
@@ -133,17 +133,77 @@ def test_finetune_stage_all_terms(tiny_dir, tmp_path):
         "finetune.iterations=4", "finetune.batch_size=2", "finetune.q=2", "finetune.log_every=2",
         "finetune.checkpoint_every=2", "finetune.reward_weight=1", "finetune.reward_margin=0",
         "finetune.dmd_weight=1", "finetune.gan_weight=0.1", "finetune.gan_real=teacher",
-        "finetune.gan_real_pool=4", "finetune.gan_real_steps=2",
+        "finetune.gan_real_pool=4", "finetune.gan_real_steps=2", "finetune.regression_weight=1",
+        "finetune.regression_pairs=3", "finetune.regression_steps=2",
         "evaluate.num_samples=4", "evaluate.steps=[2]", "evaluate.teacher_steps=[]"])
     res = run_pipeline(cfg, reporter=SilentReporter())
     ft = res[2]
-    assert ft.stage == "finetune" and set(ft.summary["terms"]) == {"reward", "dmd", "gan"}
-    assert {"reward", "dmd", "gan_g", "gan_d", "fake"} <= set(ft.summary["final"])
+    assert ft.stage == "finetune" and set(ft.summary["terms"]) == {"reward", "dmd", "gan", "regression"}
+    assert {"reward", "dmd", "gan_g", "gan_d", "fake", "regression"} <= set(ft.summary["final"])
     art = open_store(cfg).artifact("finetune", ft.fingerprint)
     m = art.manifest(verify="checksum")
-    assert "lora.safetensors" in m.files and "gan_real_pool.safetensors" in m.files
+    assert {"lora.safetensors", "gan_real_pool.safetensors", "regression_pairs.safetensors"} <= set(m.files)
+    assert len(art.load_tensors("regression_pairs.safetensors")["noise"]) == 3
     assert res[3].summary["rows"] and open_store(cfg).artifact("evaluate", res[3].fingerprint).manifest().inputs[
         "lora"].endswith(ft.fingerprint)
+
+
+def test_regression_pairs_are_the_teachers_samples_and_the_term_their_mse(setup, tmp_path):
+    """teacher_pool pairs each noise it keeps with the teacher's own sample from it (adapters off, whatever the student
+    is), in batches, and reads a kept pool back instead of sampling again; the regression term is the weighted MSE
+    of the student's x0 at the top timestep (pure noise) against that sample, reaches the student only, and a few
+    steps on it bring the student's one step closer to the teacher's samples."""
+    from tlcm_core.models import teacher_grid
+    from tlcm_core.samplers import teacher_sample
+    from tlcm_core.stages.finetune import FinetuneModels, FinetuneObjective, Micro, teacher_pool
+    from tlcm_core.store import ArtifactStore
+
+    pipe, unet, model, cond, uncond = setup
+    with torch.no_grad():  # a student that is not the teacher
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    cfg = load_config("toy-fast", ["finetune.batch_size=2", "finetune.reward_weight=0", "finetune.dmd_weight=0",
+                                   "finetune.gan_weight=0", "finetune.regression_weight=2", "finetune.q=1"])
+    art = ArtifactStore(str(tmp_path)).artifact("finetune", "0" * 16)
+    pool = teacher_pool(cfg, pipe, model, cond, uncond, art, name="pairs.safetensors", size=3, steps=3, seed=5)
+    assert pool["prompt_idx"].tolist() == [0, 1, 0] and pool["noise"].shape == pool["latents"].shape
+    def sample():
+        with torch.no_grad():
+            return teacher_sample(model, pool["noise"], 3, cond[pool["prompt_idx"]], uncond, cfg.schedule.guidance,
+                                  teacher_grid(pipe, 32, 3))
+
+    with adapters_disabled(unet):
+        teacher = sample()
+    # batches of 2 there, of 3 here: float sums in another order, amplified by CFG's scale of 8
+    torch.testing.assert_close(pool["latents"], teacher, atol=1e-3, rtol=0)
+    assert (sample() - teacher).abs().max() > 0.05  # with the student's adapter on, another sample
+    again = teacher_pool(cfg, None, None, cond, uncond, art, name="pairs.safetensors", size=3, steps=3, seed=5)
+    assert all(torch.equal(again[k], pool[k]) for k in pool)  # read back (with no model to sample with)
+
+    one = {k: v[1:2] for k, v in pool.items()}  # a pool of one pair: every draw is that pair
+    models = FinetuneModels(pipe, model, ["a red circle", "a blue square"], cond, uncond, pairs=one)
+    obj = FinetuneObjective(cfg, cfg.finetune, models, torch.device("cpu"), {})
+    terms = obj.loss(Micro(0, torch.Generator().manual_seed(0)))
+    assert set(terms) == {"regression"}
+    x_T, c = one["noise"].expand(2, -1, -1, -1), cond[one["prompt_idx"].expand(2)]
+    x0, _ = model(x_T, torch.full((2,), 999), c)
+    torch.testing.assert_close(terms["regression"], 2 * torch.nn.functional.mse_loss(x0, one["latents"].expand(2, -1,
+                                                                                                           -1, -1)))
+    unet.zero_grad(set_to_none=True)
+    terms["regression"].backward()
+    assert _grads(unet) == {"student": True, "fake": False, "base": False, "heads": False}
+
+    params = [p for n, p in unet.named_parameters() if f".{ADAPTER}." in n]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    losses = []
+    for k in range(6):
+        opt.zero_grad(set_to_none=True)
+        loss = obj.loss(Micro(k, torch.Generator().manual_seed(k)))["regression"]
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
 
 
 class StopAt(SilentReporter):
@@ -225,7 +285,7 @@ def test_sampler_inputs_are_the_states_the_inference_sampler_visits(setup, teach
                                    f"finetune.sampler_grid={grid}", f"finetune.gan_real={gan_real}",
                                    "finetune.gan_weight=0.1"])
     models = FinetuneModels(pipe, model, ["a red circle", "a blue square"], cond, uncond,
-                            heads=DiscriminatorHeads(8), real_pool=(None, None) if gan_real == "teacher" else None)
+                            heads=DiscriminatorHeads(8), real_pool={} if gan_real == "teacher" else None)
     obj = FinetuneObjective(cfg, cfg.finetune, models, torch.device("cpu"), {})
     bounds = milestones(model.schedule.T, cfg.schedule.segments)
     assert obj.grids == {n: sampler_timesteps(n, bounds, grid, model.schedule) for n in (2, 4)}

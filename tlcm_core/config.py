@@ -251,8 +251,8 @@ class LCDConfig(ConsistencyConfig):
 # rank, the GAN's loss and real side, the student's q-step sampler, DMD's t range, logging and checkpointing.
 PHASE_FIELDS = ("iterations", "lr", "batch_size", "grad_accum", "warmup", "ema_decay", "weight_decay", "max_grad_norm",
                 "reward_weight", "reward_margin", "dmd_weight", "fake_score_lr", "fake_updates_per_step", "gan_weight",
-                "discriminator_lr")
-TERM_WEIGHTS = ("reward_weight", "dmd_weight", "gan_weight")
+                "discriminator_lr", "regression_weight")
+TERM_WEIGHTS = ("reward_weight", "dmd_weight", "gan_weight", "regression_weight")
 
 
 class FinetuneConfig(TrainerConfig):
@@ -296,6 +296,13 @@ class FinetuneConfig(TrainerConfig):
     gan_real_steps: int = Field(25, ge=1, description="steps of the teacher's baseline sampler for those samples "
                                 "(DDIM + CFG; a flow teacher's Euler on its own grid)")
     discriminator_lr: float = Field(1e-4, gt=0)
+    # paired regression (not in TLCM; DMD's regression loss, Yin et al. 2024 sec. 3.3): the MSE between the student's
+    # x0 from pure noise x_T (the first step of every sampler) and the teacher's sample from the same x_T, by its
+    # baseline sampler at regression_steps, over a pool of regression_pairs noises sampled once per run (kept in the
+    # artifact). It pins the one-step prediction the few-step sampler starts from (docs/method.md "Stage 3")
+    regression_weight: float = Field(0.0, ge=0)
+    regression_pairs: int = Field(1024, ge=1, description="teacher samples (with their noises) the regression uses")
+    regression_steps: int = Field(25, ge=1, description="steps of the teacher's baseline sampler for those samples")
     # Stage 3 as consecutive training runs on the one LoRA, in order (TLCM section 4.3 runs the MPS reward alone,
     # 500 iterations at batch 8, then DMD + GAN, 1000 at batch 4). Each phase is a mapping of some of PHASE_FIELDS
     # that replace this section's values for that phase; what a phase does not set it takes from the section:
@@ -329,8 +336,8 @@ class FinetuneConfig(TrainerConfig):
             if effective is None:  # the section's own cross-field check fails: its error is the one to read
                 return v
             if not any(getattr(effective, w) for w in TERM_WEIGHTS):
-                raise ValueError(f"{where} trains nothing: its reward_weight, dmd_weight and gan_weight are all 0 (a "
-                                 "phase takes those it does not set from the section); set one of them above 0")
+                raise ValueError(f"{where} trains nothing: its {', '.join(TERM_WEIGHTS)} are all 0 (a phase "
+                                 "takes those it does not set from the section); set one of them above 0")
             out.append({k: getattr(effective, k) for k in phase})
         return out
 
@@ -496,10 +503,10 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _finetune_has_a_loss(self) -> PipelineConfig:
         f = self.finetune  # with phases, each phase's own weights are checked (FinetuneConfig._phases)
-        if "finetune" in self.stages and not f.phases and not (f.reward_weight or f.dmd_weight or f.gan_weight):
-            raise ValueError("stage 'finetune' has nothing to train: finetune.reward_weight, finetune.dmd_weight and "
-                             "finetune.gan_weight are all 0; set at least one of them above 0 (e.g. --set "
-                             "finetune.dmd_weight=1) or remove finetune from stages")
+        if "finetune" in self.stages and not f.phases and not any(getattr(f, w) for w in TERM_WEIGHTS):
+            weights = ", ".join(f"finetune.{w}" for w in TERM_WEIGHTS)
+            raise ValueError(f"stage 'finetune' has nothing to train: {weights} are all 0; set at least one of "
+                             "them above 0 (e.g. --set finetune.dmd_weight=1) or remove finetune from stages")
         return self
 
     @field_validator("stages")

@@ -5,6 +5,8 @@ Per step (batch of prompts, noise from a per-step seed):
   reward (eq. 11):  max(margin - s(dec(x0), c), 0) + max(s(dec(x0), c_neg), 0), through the scorer and VAE
   DMD (eq. 12):     0.5 || x0 - sg(x0 - (x0_fake - x0_real) / w) ||^2 at a re-noised t' (Yin et al. 2024)
   GAN (eq. 13):     non-saturating or hinge loss of a discriminator = frozen teacher features + trainable heads
+  regression:       || f(x_T, T-1, c) - teacher's sample from x_T ||^2 on a pool of noises (not in TLCM: DMD's
+                    regression loss, Yin et al. 2024 sec. 3.3), aimed at the one-step prediction from pure noise
 then the fake score model (its own LoRA on the same network) takes denoising steps on the student's samples,
 and the discriminator heads take a step on real vs fake.
 
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import FinetuneConfig, LoRAConfig, PipelineConfig, toy_world
+from ..config import TERM_WEIGHTS, FinetuneConfig, LoRAConfig, PipelineConfig, toy_world
 from ..consistency import adapter_weights, stage_device, write_trained_lora
 from ..lora import ADAPTER, active_adapter, adapters_disabled, attach_lora, load_lora_into, read_lora
 from ..families import family_of
@@ -48,7 +50,7 @@ from ..rewards import build_scorer, negative_prompts, reward_hinge
 from ..samplers import student_clean_latents, teacher_sample, tlcm_states
 from ..schedule import milestones, sampler_timesteps
 from ..stage import Stage, StageContext
-from ..training import CheckpointIO, TrainResult, TrainState, make_optimizer, train
+from ..training import CheckpointIO, TrainResult, TrainState, autocast_for, make_optimizer, train
 from .common import TRAINER_READS, final_lora_stage
 
 FAKE = "fake"
@@ -160,28 +162,31 @@ def fake_score_backward(model: Denoiser, unet, x0: torch.Tensor, cond, generator
 
 
 @torch.no_grad()
-def teacher_real_pool(cfg: PipelineConfig, pipe, model: Denoiser, cond_all, uncond, out_art) -> tuple:
-    """Teacher multi-step samples used as the GAN's real side, by the teacher's own baseline sampler (DDIM + CFG on
-    trailing timesteps; a flow teacher's Euler on its stock grid with its guidance) at finetune.gan_real_steps;
-    computed once, kept in the artifact."""
+def teacher_pool(cfg: PipelineConfig, pipe, model: Denoiser, cond_all, uncond, out_art, *, name: str, size: int,
+                 steps: int, seed: int, reporter=None) -> dict[str, torch.Tensor]:
+    """`size` teacher samples by the teacher's own baseline sampler (DDIM + CFG on trailing timesteps; a flow
+    teacher's Euler on its stock grid with its guidance) at `steps` steps, with the noise each started from and its
+    prompt's index (prompts in turn): {"noise", "latents", "prompt_idx"}. In compute.dtype on a GPU (autocast, as
+    training). Computed once, kept in the artifact as `name`, so a resumed run reuses it."""
+    if out_art.exists_file(name):
+        return out_art.load_tensors(name)
     fc, unet = cfg.finetune, model.unet
-    if out_art.exists_file("gan_real_pool.safetensors"):
-        t = out_art.load_tensors("gan_real_pool.safetensors")
-        return t["latents"], t["prompt_idx"]
-    g = torch.Generator().manual_seed(cfg.compute.seed + 77)
-    lat, idx = [], torch.arange(fc.gan_real_pool) % len(cond_all)
+    g = torch.Generator().manual_seed(seed)
+    noise, lat, idx = [], [], torch.arange(size) % len(cond_all)
     shape = latent_shape(pipe, cfg.teacher.resolution)
-    grid = teacher_grid(pipe, cfg.teacher.resolution, fc.gan_real_steps)
-    with adapters_disabled(unet):
-        for i in range(0, fc.gan_real_pool, fc.batch_size):
+    grid = teacher_grid(pipe, cfg.teacher.resolution, steps)
+    with adapters_disabled(unet), autocast_for(unet.device, cfg.compute.dtype):
+        for i in range(0, size, fc.batch_size):
             j = idx[i:i + fc.batch_size]
-            x_T = torch.randn((len(j), *shape), generator=g).to(unet.device)
+            noise.append(torch.randn((len(j), *shape), generator=g))
             c = cond_all[j].to(unet.device)
-            lat.append(teacher_sample(model, x_T, fc.gan_real_steps, c, uncond.to(unet.device),
+            lat.append(teacher_sample(model, noise[-1].to(unet.device), steps, c, uncond.to(unet.device),
                                       cfg.schedule.guidance, grid).cpu())
-    lat = torch.cat(lat)
-    out_art.save_tensors("gan_real_pool.safetensors", {"latents": lat, "prompt_idx": idx})
-    return lat, idx
+            if reporter is not None:
+                reporter.progress(f"finetune: {name}", i + len(j), size)
+    pool = {"noise": torch.cat(noise), "latents": torch.cat(lat), "prompt_idx": idx}
+    out_art.save_tensors(name, pool)
+    return pool
 
 
 @dataclass
@@ -208,7 +213,8 @@ class FinetuneModels:
     uncond: Conditioning
     scorer: Any = None
     heads: torch.nn.Module | None = None
-    real_pool: tuple | None = None
+    real_pool: dict[str, torch.Tensor] | None = None  # teacher_pool's: the GAN's real side (gan_real=teacher)
+    pairs: dict[str, torch.Tensor] | None = None  # teacher_pool's: the paired regression's noises and targets
 
 
 class FinetuneObjective:
@@ -224,8 +230,10 @@ class FinetuneObjective:
         self.scorer = models.scorer if fc.reward_weight else None
         self.heads = models.heads if fc.gan_weight else None
         self.real_pool, self.opt, self.first = models.real_pool, optimizers, first
+        self.pairs = models.pairs if fc.regression_weight else None
         bounds = milestones(self.model.schedule.T, cfg.schedule.segments)
         self.upper = sorted(bounds)[1:]
+        self.top = max(bounds)  # every sampler's first timestep: pure noise
         self.grids = {n: sampler_timesteps(n, bounds, fc.sampler_grid, self.model.schedule) for n in fc.sampler_steps}
         self.shape = latent_shape(self.pipe, cfg.teacher.resolution)
         self.dmd_guidance = cfg.schedule.guidance if fc.dmd_guidance is None else fc.dmd_guidance  # the real score's
@@ -266,6 +274,13 @@ class FinetuneObjective:
             ng = torch.randn(x0.shape, generator=g).to(x0)
             logits = discriminate(self.unet, self.heads, schedule.add_noise(x0, ng, tg), tg, cond, schedule)
             terms["gan_g"] = fc.gan_weight * gan_generator_loss(logits, fc.gan_loss)
+        if self.pairs is not None:  # DMD's regression loss (Yin et al. 2024, sec. 3.3): the one step from noise
+            j = torch.randint(len(self.pairs["noise"]), (fc.batch_size,), generator=g)
+            x_T = self.pairs["noise"][j].to(self.device)
+            top = torch.full((fc.batch_size,), self.top, device=self.device)
+            x0_T, _ = model(x_T, top, self.cond_all[self.pairs["prompt_idx"][j]].to(self.device))
+            terms["regression"] = fc.regression_weight * F.mse_loss(x0_T.float(),
+                                                                    self.pairs["latents"][j].to(x0_T).float())
         return terms
 
     @torch.no_grad()
@@ -299,8 +314,9 @@ class FinetuneObjective:
                 self.opt["fake"].zero_grad(set_to_none=True)
         if self.heads is not None:
             if self.real_pool is not None:
-                j = torch.randint(len(self.real_pool[0]), (fc.batch_size,), generator=g)
-                real, rcond = self.real_pool[0][j].to(self.device), self.cond_all[self.real_pool[1][j]].to(self.device)
+                j = torch.randint(len(self.real_pool["latents"]), (fc.batch_size,), generator=g)
+                real = self.real_pool["latents"][j].to(self.device)
+                rcond = self.cond_all[self.real_pool["prompt_idx"][j]].to(self.device)
             else:  # eq. 13 as written: the student's own multi-step sample is the real side
                 real, rcond = b.z0, b.cond
             td = torch.randint(0, schedule.T, (fc.batch_size,), generator=g).to(self.device)
@@ -327,7 +343,7 @@ def build_finetune(ctx: StageContext, device: torch.device, phases: list[Finetun
     their initial weights from the global RNG, so building them at a phase's start would make them depend on where
     a resumed run re-entered. Every phase's checkpoints hold them (`phase_state`)."""
     cfg, fc = ctx.cfg, ctx.cfg.finetune
-    reward, dmd, gan = (any(getattr(p, w) for p in phases) for w in ("reward_weight", "dmd_weight", "gan_weight"))
+    reward, dmd, gan, regression = (any(getattr(p, w) for p in phases) for w in TERM_WEIGHTS)
     pipe = load_pipeline(cfg.teacher, device, torch.float32)
     unet = network_of(pipe)  # the UNet or the transformer: the student, fake score, teacher and discriminator
     load_lora_into(unet, read_lora(ctx.inputs["init"], cfg.lora, teacher_identity(cfg.teacher)).state, cfg.lora)
@@ -354,7 +370,13 @@ def build_finetune(ctx: StageContext, device: torch.device, phases: list[Finetun
     models = FinetuneModels(pipe, teacher_denoiser(pipe, cfg.teacher.resolution), prompts, cond_all,
                             uncond.to(device), scorer, heads)
     if gan and fc.gan_real == "teacher":
-        models.real_pool = teacher_real_pool(cfg, pipe, models.model, cond_all, models.uncond, ctx.out)
+        models.real_pool = teacher_pool(cfg, pipe, models.model, cond_all, models.uncond, ctx.out,
+                                        name="gan_real_pool.safetensors", size=fc.gan_real_pool,
+                                        steps=fc.gan_real_steps, seed=cfg.compute.seed + 77, reporter=ctx.reporter)
+    if regression:
+        models.pairs = teacher_pool(cfg, pipe, models.model, cond_all, models.uncond, ctx.out,
+                                    name="regression_pairs.safetensors", size=fc.regression_pairs,
+                                    steps=fc.regression_steps, seed=cfg.compute.seed + 78, reporter=ctx.reporter)
     return models
 
 
@@ -375,13 +397,16 @@ def phase_state(models: FinetuneModels, fc: FinetuneConfig) -> TrainState:
     return TrainState(weights, opts)
 
 
+TERMS = ("reward", "dmd", "gan", "regression")  # in TERM_WEIGHTS' order
+
+
 def _terms(fc: FinetuneConfig) -> list[str]:
-    return [k for k, w in (("reward", fc.reward_weight), ("dmd", fc.dmd_weight), ("gan", fc.gan_weight)) if w]
+    return [k for k, w in zip(TERMS, TERM_WEIGHTS) if getattr(fc, w)]
 
 
 # the column of a term in a log row; `train` logs terms only when there are several, so a one-term phase's rows
 # get its column from `loss`, which then is that term
-TERM_COLUMNS = {"reward": "reward", "dmd": "dmd", "gan": "gan_g"}
+TERM_COLUMNS = {"reward": "reward", "dmd": "dmd", "gan": "gan_g", "regression": "regression"}
 
 
 def _phased_result(phases: list[FinetuneConfig], results: list[TrainResult]) -> TrainResult:
@@ -416,7 +441,7 @@ def _phased_summary(ctx: StageContext, unet, phases: list[FinetuneConfig], resul
                           "resumed_from_step": r.start_step,
                           "final": {k: v for k, v in last.items() if k not in ("phase", "step", "lr", "elapsed_s")}})
     return {**summary, "final": {k: v for k, v in summary["final"].items() if k != "phase"},
-            "terms": [t for t in ("reward", "dmd", "gan") if any(t in p["terms"] for p in per_phase)],
+            "terms": [t for t in TERMS if any(t in p["terms"] for p in per_phase)],
             "phases": per_phase}
 
 
