@@ -1,0 +1,83 @@
+"""How far is each LoRA's one step from pure noise from the teacher's map from noise to image? (issue 16)
+
+The few-step sampler starts with the student's x0 prediction at the top timestep (t = 999) from pure noise x_T. The
+teacher's answer for that same x_T is the end of its own sampler (DDIM + CFG, 25 steps). For N noises and prompts
+(prompts in turn, as `evaluate`), this probe compares the two in latent space, per LoRA:
+
+    mse        mean squared difference per latent element
+    var        the variance of the prediction's latents (the teacher's samples' in the `teacher samples` row)
+    cos        the cosine between prediction and teacher sample, each centred on its own mean over the N samples
+               (1: the same direction away from the average image; 0: unrelated)
+
+    python bench/probe_first_step.py --config toy-hard --lora STORE/mlcd/FP --lora STORE/finetune/FP [--samples 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from _toy import probe_setup
+from common import report
+from tlcm_core.evaluation import Sampler, eval_noise
+from tlcm_core.lora import read_lora
+from tlcm_core.models import load_pipeline, teacher_grid
+from tlcm_core.samplers import teacher_sample
+
+
+def compare(x0: torch.Tensor, target: torch.Tensor) -> dict:
+    a, b = ((x - x.mean(0)).flatten(1) for x in (x0, target))
+    return {"mse": round(F.mse_loss(x0, target).item(), 4), "var": round(x0.var().item(), 4),
+            "cos": round(F.cosine_similarity(a, b).mean().item(), 3)}
+
+
+@torch.no_grad()
+def first_steps(sampler: Sampler, noise: torch.Tensor, batch_size: int, top: int, w: float) -> torch.Tensor:
+    """The network's x0 at `top` from each noise (prompts in turn): the student's first step (no guidance: it is
+    distilled into the LoRA), or the teacher's with CFG at `w` (the first step of its own sampler)."""
+    out, dtype, d = [], sampler.denoiser.unet.dtype, sampler.denoiser
+    for i in range(0, len(noise), batch_size):
+        idx = torch.arange(i, min(i + batch_size, len(noise)))
+        cond = sampler.cond[idx % len(sampler.prompts)].to(sampler.device, dtype)
+        t = torch.full((len(idx),), top, device=sampler.device)
+        x = noise[idx].to(sampler.device, dtype)
+        x0 = d(x, t, cond)[0] if sampler.student else d.guided(x, t, cond, sampler.uncond.to(sampler.device, dtype), w)[0]
+        out.append(x0.float().cpu())
+    return torch.cat(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lora", action="append", required=True, help="a LoRA (artifact folder or file); repeatable")
+    ap.add_argument("--teacher-steps", type=int, default=25)
+    args, cfg, device = probe_setup(ap)
+    ev = cfg.evaluate
+    teacher = Sampler(cfg, load_pipeline(cfg.teacher, device), None)
+    top = teacher.milestones(1)[0]  # every sampler's first timestep
+    noise = eval_noise(args.samples, teacher.shape, ev.seed)
+    dtype = teacher.denoiser.unet.dtype
+    with torch.no_grad():
+        samples = torch.cat([
+            teacher_sample(teacher.denoiser, noise[i:i + ev.batch_size].to(device, dtype), args.teacher_steps,
+                           teacher.cond[torch.arange(i, min(i + ev.batch_size, args.samples)) % len(teacher.prompts)]
+                           .to(device, dtype), teacher.uncond.to(device, dtype), cfg.schedule.guidance,
+                           teacher_grid(teacher.pipe, cfg.teacher.resolution, args.teacher_steps)).float().cpu()
+            for i in range(0, args.samples, ev.batch_size)])
+    rows = [{"x0 from pure noise": f"teacher samples ({args.teacher_steps} steps)", "mse": 0.0,
+             "var": round(samples.var().item(), 4), "cos": 1.0},
+            {"x0 from pure noise": "teacher, one step", **compare(first_steps(teacher, noise, ev.batch_size, top,
+                                                                               cfg.schedule.guidance), samples)}]
+    for path in args.lora:
+        student = Sampler(cfg, load_pipeline(cfg.teacher, device), read_lora(path).state)
+        rows.append({"x0 from pure noise": f"`{path}`", **compare(first_steps(student, noise, ev.batch_size, top,
+                                                                               cfg.schedule.guidance), samples)})
+        print(rows[-1], flush=True)
+    report("The student's first step against the teacher's samples from the same noise", rows,
+           notes=f"config {cfg.name}; {args.samples} noises (evaluate.seed {ev.seed}), prompts in turn; latents "
+                 f"compared at t = {top}; the teacher's samples by DDIM + CFG {cfg.schedule.guidance}.")
+
+
+if __name__ == "__main__":
+    main()
