@@ -168,6 +168,8 @@ def test_regression_pairs_are_the_teachers_samples_and_the_term_their_mse(setup,
     art = ArtifactStore(str(tmp_path)).artifact("finetune", "0" * 16)
     pool = teacher_pool(cfg, pipe, model, cond, uncond, art, name="pairs.safetensors", size=3, steps=3, seed=5)
     assert pool["prompt_idx"].tolist() == [0, 1, 0] and pool["noise"].shape == pool["latents"].shape
+    assert pool["latents"].dtype == torch.float32
+
     def sample():
         with torch.no_grad():
             return teacher_sample(model, pool["noise"], 3, cond[pool["prompt_idx"]], uncond, cfg.schedule.guidance,

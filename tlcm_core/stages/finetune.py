@@ -181,7 +181,7 @@ def teacher_pool(cfg: PipelineConfig, pipe, model: Denoiser, cond_all, uncond, o
             noise.append(torch.randn((len(j), *shape), generator=g))
             c = cond_all[j].to(unet.device)
             lat.append(teacher_sample(model, noise[-1].to(unet.device), steps, c, uncond.to(unet.device),
-                                      cfg.schedule.guidance, grid).cpu())
+                                      cfg.schedule.guidance, grid).float().cpu())
             if reporter is not None:
                 reporter.progress(f"finetune: {name}", i + len(j), size)
     pool = {"noise": torch.cat(noise), "latents": torch.cat(lat), "prompt_idx": idx}
