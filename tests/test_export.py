@@ -24,6 +24,10 @@ from tlcm_core.schedule import NoiseSchedule, milestones, sampler_timesteps
 from tlcm_core.scheduler import TLCMScheduler
 
 EXACT = dict(rtol=0.0, atol=0.0)
+# Two loading paths that hand the same weights to the network in another memory layout (PEFT's own load_adapter, a
+# kohya file converted by diffusers): the kernels may sum in another order. On an AMD EPYC they differ by at most
+# 1.5e-5 in these tests (bit-equal on the Intel Xeons); a missing module or a wrong scale moves them by more than 1e-2.
+ROUNDING = dict(rtol=0.0, atol=1e-4)
 STEPS, SEED = 4, 11
 
 
@@ -114,8 +118,9 @@ def test_kohya_diffusers_naming_also_loads(tmp_path):
     cond, _ = encode_prompts(ours, PROMPTS[:1], 32)
     x, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([749])
     with torch.no_grad():
-        torch.testing.assert_close(theirs.unet(x, t, **cond.unet_kwargs()).sample,
-                                   ours.unet(x, t, **cond.unet_kwargs()).sample, **EXACT)
+        got = theirs.unet(x, t, **cond.unet_kwargs()).sample
+        torch.testing.assert_close(got, ours.unet(x, t, **cond.unet_kwargs()).sample, **ROUNDING)
+        assert (got - fresh_pipe().unet(x, t, **cond.unet_kwargs()).sample).abs().max() > 1e-2  # the LoRA acts
 
 
 def test_sgm_names_of_sdxl_modules():
@@ -162,11 +167,13 @@ def test_peft_as_the_official_release_loads_it(exported, reference):
     unet = get_peft_model(pipe.unet, LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha,
                                                 target_modules=list(OFFICIAL_TARGET_MODULES)))
     unet.load_adapter(str(exported / "peft"), adapter_name="default")
-    torch.testing.assert_close(sample(unet, pipe), reference, **EXACT)
+    torch.testing.assert_close(sample(unet, pipe), reference, **ROUNDING)
     # PeftModel.from_pretrained reads adapter_config.json (rank and alpha) itself
     pipe = fresh_pipe()
     unet = PeftModel.from_pretrained(pipe.unet, str(exported / "peft"))
-    torch.testing.assert_close(sample(unet, pipe), reference, **EXACT)
+    torch.testing.assert_close(sample(unet, pipe), reference, **ROUNDING)
+    pipe = fresh_pipe()
+    assert (sample(pipe.unet, pipe) - reference).abs().max() > 1e-2  # without the LoRA: far from it
 
 
 def test_scheduler_export_is_standalone(exported):
