@@ -99,8 +99,8 @@ def _cases(root: Path, shared: Path) -> dict[str, Case]:
         "missing-prompts": Case([*distill, "--set", "trajectories.prompts=/nonexistent/prompts.txt"],
                                 ["'/nonexistent/prompts.txt'", "not found", "trajectories.prompts"]),
         "finetune-without-a-loss": Case([*distill, *zero], ["invalid config"],
-                                        ("finetune.reward_weight, finetune.dmd_weight and finetune.gan_weight are "
-                                         "all 0", "finetune.dmd_weight=1")),
+                                        ("finetune.reward_weight, finetune.dmd_weight, finetune.gan_weight, "
+                                         "finetune.regression_weight are all 0", "finetune.dmd_weight=1")),
         "eval-missing-lora": Case(["eval", *TOY_CONFIG, "--lora", missing_lora],
                                   [missing_lora, "no TLCM LoRA"]),
         "eval-garbage-lora": Case(["eval", *TOY_CONFIG, "--lora", str(garbage)],
