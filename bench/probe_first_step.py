@@ -34,18 +34,26 @@ def compare(x0: torch.Tensor, target: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def first_steps(sampler: Sampler, noise: torch.Tensor, batch_size: int, top: int, w: float) -> torch.Tensor:
-    """The network's x0 at `top` from each noise (prompts in turn): the student's first step (no guidance: it is
-    distilled into the LoRA), or the teacher's with CFG at `w` (the first step of its own sampler)."""
-    out, dtype, d = [], sampler.denoiser.unet.dtype, sampler.denoiser
+def per_batch(sampler: Sampler, noise: torch.Tensor, batch_size: int, fn) -> torch.Tensor:
+    """fn(x, cond) on the noises in batches, prompts in turn (as `evaluate`); the latents, float32 on the CPU."""
+    out, dtype = [], sampler.denoiser.unet.dtype
     for i in range(0, len(noise), batch_size):
         idx = torch.arange(i, min(i + batch_size, len(noise)))
         cond = sampler.cond[idx % len(sampler.prompts)].to(sampler.device, dtype)
-        t = torch.full((len(idx),), top, device=sampler.device)
-        x = noise[idx].to(sampler.device, dtype)
-        x0 = d(x, t, cond)[0] if sampler.student else d.guided(x, t, cond, sampler.uncond.to(sampler.device, dtype), w)[0]
-        out.append(x0.float().cpu())
+        out.append(fn(noise[idx].to(sampler.device, dtype), cond).float().cpu())
     return torch.cat(out)
+
+
+def first_steps(sampler: Sampler, noise: torch.Tensor, batch_size: int, top: int, w: float) -> torch.Tensor:
+    """The network's x0 at `top` from each noise: the student's first step (no guidance: it is distilled into the
+    LoRA), or the teacher's with CFG at `w` (the first step of its own sampler)."""
+    d, uncond = sampler.denoiser, sampler.uncond.to(sampler.device, sampler.denoiser.unet.dtype)
+
+    def x0(x: torch.Tensor, cond) -> torch.Tensor:
+        t = torch.full((len(x),), top, device=x.device)
+        return d(x, t, cond)[0] if sampler.student else d.guided(x, t, cond, uncond, w)[0]
+
+    return per_batch(sampler, noise, batch_size, x0)
 
 
 def main() -> None:
@@ -57,14 +65,10 @@ def main() -> None:
     teacher = Sampler(cfg, load_pipeline(cfg.teacher, device), None)
     top = teacher.milestones(1)[0]  # every sampler's first timestep
     noise = eval_noise(args.samples, teacher.shape, ev.seed)
-    dtype = teacher.denoiser.unet.dtype
-    with torch.no_grad():
-        samples = torch.cat([
-            teacher_sample(teacher.denoiser, noise[i:i + ev.batch_size].to(device, dtype), args.teacher_steps,
-                           teacher.cond[torch.arange(i, min(i + ev.batch_size, args.samples)) % len(teacher.prompts)]
-                           .to(device, dtype), teacher.uncond.to(device, dtype), cfg.schedule.guidance,
-                           teacher_grid(teacher.pipe, cfg.teacher.resolution, args.teacher_steps)).float().cpu()
-            for i in range(0, args.samples, ev.batch_size)])
+    uncond = teacher.uncond.to(device, teacher.denoiser.unet.dtype)
+    grid = teacher_grid(teacher.pipe, cfg.teacher.resolution, args.teacher_steps)
+    samples = per_batch(teacher, noise, ev.batch_size, lambda x, cond: teacher_sample(
+        teacher.denoiser, x, args.teacher_steps, cond, uncond, cfg.schedule.guidance, grid))
     rows = [{"x0 from pure noise": f"teacher samples ({args.teacher_steps} steps)", "mse": 0.0,
              "var": round(samples.var().item(), 4), "cos": 1.0},
             {"x0 from pure noise": "teacher, one step", **compare(first_steps(teacher, noise, ev.batch_size, top,
