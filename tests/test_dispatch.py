@@ -219,6 +219,7 @@ def test_a_stage_deployment_never_completes_having_done_nothing(tmp_path, name, 
 
 FLOW_SCRIPT = """
 import json, sys
+import flows  # first, as the CLI does: gives Prefect's temporary server a slow machine's start-up budget
 from prefect import task
 from prefect.states import Completed
 import flows.tlcm as tlcm_flow
