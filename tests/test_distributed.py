@@ -63,3 +63,34 @@ def test_finetune_two_processes(tmp_path):
     assert all(torch.isfinite(torch.tensor(r[k])) for r in log for k in ("reward", "dmd", "gan_g", "fake", "gan_d"))
     before, after = read_lora(store.open_uri(mlcd.uri)).state, read_lora(store.open_uri(ft.uri)).state
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_grad_sync_buckets_every_gradient_and_puts_each_back_in_place(tmp_path, monkeypatch):
+    """GradSync all-reduces flattened buckets (one call per bucket, not per parameter): with buckets smaller than
+    the parameters, mixed dtypes and a parameter without a gradient, every gradient comes back as its own average.
+    One gloo process stands in for the world, so each average is the gradient over `world`."""
+    import torch.distributed as dist
+
+    from tlcm_core.training import GradSync
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        calls = []
+        real = dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce", lambda t, **kw: (calls.append(t.numel()), real(t, **kw))[1])
+        sync = GradSync()
+        sync.world, sync.BUCKET_ELEMENTS = 2, 10
+        shapes = [(3, 2), (4,), (2, 2), (5,), (1,)]
+        params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float64 if i == 3 else torch.float32))
+                  for i, s in enumerate(shapes)]
+        params.append(torch.nn.Parameter(torch.zeros(2)))  # no gradient: skipped
+        grads = [torch.randn(p.shape, dtype=p.dtype) for p in params[:-1]]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        sync(params)
+        for p, g in zip(params, grads):
+            torch.testing.assert_close(p.grad, g / 2, rtol=0, atol=0)
+        assert params[-1].grad is None
+        assert sorted(calls) == sorted([10, 5, 5])  # float32: [6 + 4] then [4 + 1]; float64: [5]
+    finally:
+        dist.destroy_process_group()
