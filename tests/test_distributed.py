@@ -94,3 +94,60 @@ def test_grad_sync_buckets_every_gradient_and_puts_each_back_in_place(tmp_path, 
         assert sorted(calls) == sorted([10, 5, 5])  # float32: [6 + 4] then [4 + 1]; float64: [5]
     finally:
         dist.destroy_process_group()
+
+
+class _Published(SilentReporter):
+    def __init__(self):
+        super().__init__()
+        self.items = []
+
+    def table(self, key, rows, description=""):
+        self.items.append(("table", key, len(rows)))
+
+    def image(self, key, png, description=""):
+        self.items.append(("image", key, png[:8]))
+
+
+def test_cpu_processes_split_every_batch_and_train_the_same_lora(tmp_path):
+    """compute.cpu_processes=2 on a CPU: MLCD runs in 2 processes, each with half of every batch, and makes the
+    one-process LoRA (the same batches, gradients averaged); the launching process publishes the loss table and
+    curves the processes cannot."""
+    from tlcm_core.toy.pipeline import build_toy_pipeline
+
+    teacher = tmp_path / "tiny"
+    build_toy_pipeline(seed=3).save_pretrained(teacher)
+    common = [o for o in _overrides(teacher, tmp_path) if not o.startswith("compute.num_processes")]
+    split = load_config("toy-fast", common + ["compute.cpu_processes=2"])
+    reporter = _Published()
+    _, mlcd = run_pipeline(split, stages=["teacher-trajectories", "mlcd"], reporter=reporter)
+    assert mlcd.summary["num_processes"] == 2 and not mlcd.cached
+    assert [i[:2] for i in reporter.items] == [("table", "mlcd-loss"), ("image", "mlcd-loss-curve")]
+    assert reporter.items[0][2] == 2 and reporter.items[1][2] == b"\x89PNG\r\n\x1a\n"
+    (single,) = run_pipeline(load_config("toy-fast", common), stages=["mlcd"], reporter=SilentReporter())
+    assert single.fingerprint != mlcd.fingerprint and not single.cached  # the split is part of the recipe's record
+    one = open_store(split).artifact("mlcd", single.fingerprint).load_tensors("lora.safetensors")
+    two = open_store(split).artifact("mlcd", mlcd.fingerprint).load_tensors("lora.safetensors")
+    assert one.keys() == two.keys() and any(v.abs().sum() > 0 for k, v in two.items() if "lora_B" in k)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+
+
+def test_cpu_processes_divide_each_trainers_batches_and_refuse_a_batch_they_cannot(tmp_path):
+    import pytest
+
+    from tlcm_core.config import ConfigError
+    from tlcm_core.distributed import split_batches, world_size
+
+    cfg = load_config("toy-hard", ["compute.cpu_processes=2", "compute.device=cpu",
+                                   "finetune.phases=[{reward_weight: 5}, {batch_size: 4, dmd_weight: 2}]"])
+    assert world_size(cfg.compute) == 2
+    child = split_batches(cfg, 2)
+    assert (child.compute.num_processes, child.compute.cpu_processes) == (2, 1)
+    assert (child.mlcd.batch_size, child.lcd.batch_size, child.lcd.anchor_batch_size) == (16, 16, 4)
+    assert [fc.batch_size for fc in child.finetune.phase_configs()] == [8, 2]
+    assert [fc.dmd_weight for fc in child.finetune.phase_configs()] == [1.0, 2.0]  # the phases are otherwise kept
+    assert world_size(load_config("toy-hard", ["compute.device=cpu"]).compute) == 1
+    # num_processes names the world itself (one batch each), as on GPUs
+    assert world_size(load_config("toy-hard", ["compute.cpu_processes=2", "compute.num_processes=3"]).compute) == 3
+    with pytest.raises(ConfigError, match=r"lcd.anchor_batch_size=3 is not a multiple of 2"):
+        load_config("toy-hard", ["compute.cpu_processes=2", "lcd.anchor_batch_size=3"])

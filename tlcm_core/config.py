@@ -155,8 +155,14 @@ class ComputeConfig(Section):
     cpu_dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = Field(0, ge=0)
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; None keeps torch's")
-    # training stages run data-parallel in this many processes (accelerate: one per GPU; gloo on CPU)
+    # training stages run data-parallel in this many processes (accelerate: one per GPU; gloo on CPU), each with its
+    # own batch of the trainer's batch_size
     num_processes: int = Field(1, ge=1, le=64)
+    # training on a CPU with num_processes 1: the training stages run data-parallel in this many processes, each with
+    # 1/N of every batch: the same batches and the same recipe, N cores at work. torch's threads barely speed up
+    # small layers such as the toy worlds' (MLCD on toy-hard: 2 threads no faster than 1, 2 processes 1.5x;
+    # bench/RESULTS.md). Every trainer's batch sizes must be multiples of it. Ignored on a GPU
+    cpu_processes: int = Field(1, ge=1, le=64)
     # the trainers (mlcd, lcd, finetune) recompute each block's activations in the backward pass instead of keeping
     # them (diffusers' enable_gradient_checkpointing, through the teacher's family): less memory, ~1/3 more compute,
     # the same weights (bookkeeping: not in any fingerprint). FLUX.1-dev at 1024 px needs it (bench/RESULTS.md)
@@ -499,6 +505,35 @@ class PipelineConfig(Section):
                 raise ValueError(f"{field}={steps}: a TLCM sampler takes 1 to schedule.segments="
                                  f"{self.schedule.segments} steps (one per milestone); give at least one")
         return self
+
+    @model_validator(mode="after")
+    def _batches_split_over_cpu_processes(self) -> PipelineConfig:
+        n = self.compute.cpu_processes
+        if n == 1 or self.compute.num_processes > 1:
+            return self
+        for field, size in self.trainer_batch_sizes().items():
+            if size % n:
+                raise ValueError(f"compute.cpu_processes={n} splits every training batch across {n} processes, "
+                                 f"but {field}={size} is not a multiple of {n}; make it one, or set "
+                                 "compute.cpu_processes=1")
+        return self
+
+    def trainer_batch_sizes(self) -> dict[str, int]:
+        """The batch sizes of the training stages in `stages`, by config field (each finetune phase's own)."""
+        out = {}
+        if "mlcd" in self.stages:
+            out["mlcd.batch_size"] = self.mlcd.batch_size
+        if "lcd" in self.stages:
+            out["lcd.batch_size"] = self.lcd.batch_size
+            if self.lcd.mlcd_weight and self.lcd.anchor_batch_size is not None:
+                out["lcd.anchor_batch_size"] = self.lcd.anchor_batch_size
+        if "finetune" in self.stages:
+            if self.finetune.phases:
+                out.update({f"finetune.phases[{i}].batch_size": fc.batch_size
+                            for i, fc in enumerate(self.finetune.phase_configs())})
+            else:
+                out["finetune.batch_size"] = self.finetune.batch_size
+        return out
 
     @model_validator(mode="after")
     def _finetune_has_a_loss(self) -> PipelineConfig:

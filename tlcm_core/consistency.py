@@ -119,6 +119,13 @@ def train_consistency(ctx: StageContext, tcfg: TrainerConfig, loss_fn: Consisten
     return write_trained_lora(ctx, unet, result, tcfg)
 
 
+def publish_loss(reporter, name: str, log: list[dict], png: bytes | None) -> None:
+    """A training stage's loss table and curves, for the run's UI."""
+    reporter.table(f"{name}-loss", log, description=f"{name} training loss")
+    if png is not None:
+        reporter.image(f"{name}-loss-curve", png, description=f"{name} training loss")
+
+
 def write_trained_lora(ctx: StageContext, unet, result: TrainResult, tcfg: TrainerConfig) -> dict:
     """The end of every training stage: the student's LoRA (with its config and base model in the metadata), the
     training log, the loss table and the loss curves (loss.png, one panel per term); the summary the manifest
@@ -129,13 +136,14 @@ def write_trained_lora(ctx: StageContext, unet, result: TrainResult, tcfg: Train
     out.save_tensors("lora.safetensors", lora_state_dict(unet),
                      metadata=lora_metadata(cfg.lora, teacher_identity(cfg.teacher), family_of(unet)))
     out.write_bytes("train_log.jsonl", "".join(json.dumps(r) + "\n" for r in result.log).encode())
-    ctx.reporter.table(f"{name}-loss", result.log, description=f"{name} training loss")
+    png = None
     if result.log:
         from .plots import loss_curves_png
 
         png = loss_curves_png(result.log, title=f"{name}: training loss ({tcfg.iterations} iterations)")
         out.write_bytes(LOSS_PLOT, png)
-        ctx.reporter.image(f"{name}-loss-curve", png, description=f"{name} training loss")
+    if ctx.accelerator is None:  # a data-parallel run publishes from the launching process (tlcm_core/distributed.py)
+        publish_loss(ctx.reporter, name, result.log, png)
     last = result.log[-1] if result.log else {}
     return {"iterations": tcfg.iterations, "final_loss": last.get("loss"),
             "final": {k: v for k, v in last.items() if k not in ("step", "lr", "elapsed_s")},

@@ -39,13 +39,44 @@ def launch_command(n: int, port: int) -> list[str]:
             "--main_process_port", str(port), "-m", "tlcm_core.distributed"]
 
 
-def launch(cfg: PipelineConfig, stage: str, inputs: dict, out) -> dict:
-    """Run training stage `stage` in compute.num_processes processes and return rank 0's summary."""
-    n = cfg.compute.num_processes
+def world_size(compute) -> int:
+    """The data-parallel processes of a training stage: compute.num_processes; or, training on a CPU with that at 1,
+    compute.cpu_processes (each with 1/N of every batch)."""
+    if compute.num_processes > 1:
+        return compute.num_processes
+    if compute.cpu_processes > 1:
+        from .models import resolve_device
+
+        if resolve_device(compute).type == "cpu":
+            return compute.cpu_processes
+    return 1
+
+
+def split_batches(cfg: PipelineConfig, n: int) -> PipelineConfig:
+    """The config each of n processes trains with when compute.cpu_processes splits every batch: each trainer's
+    batch sizes divided by n, and n as the data-parallel world. Rank r takes micro-batches r, r + n, ... of the
+    smaller size, which together are the one-process batches (tlcm_core/pairs.py: a batch's rows do not depend on
+    the batch size), so the recipe is the same."""
+    data = cfg.model_dump(mode="json")
+    data["compute"].update(num_processes=n, cpu_processes=1)
+    for field, size in cfg.trainer_batch_sizes().items():
+        section, key, *leaf = field.split(".")
+        if leaf:  # finetune.phases[i].batch_size: every phase states its own
+            data[section]["phases"][int(key[len("phases["):-1])]["batch_size"] = size // n
+        else:
+            data[section][key] = size // n
+    return validate_config(data, source="compute.cpu_processes")
+
+
+def launch(cfg: PipelineConfig, stage: str, inputs: dict, out, reporter=None) -> dict:
+    """Run training stage `stage` in `world_size` processes and return rank 0's summary; publish its loss table and
+    curves through `reporter` (the processes print to the terminal only)."""
+    n = world_size(cfg.compute)
+    child = cfg if cfg.compute.num_processes > 1 else split_batches(cfg, n)
     with tempfile.TemporaryDirectory(prefix="tlcm-launch-") as tmp:
         path = os.path.join(tmp, "config.json")
         with open(path, "w") as f:
-            json.dump(cfg.model_dump(mode="json"), f)
+            json.dump(child.model_dump(mode="json"), f)
         cmd = launch_command(n, _free_port()) + ["--config", path, "--stage", stage, "--out", out.uri]
         for key, art in inputs.items():
             cmd += ["--input", f"{key}={art.uri}"]
@@ -54,6 +85,11 @@ def launch(cfg: PipelineConfig, stage: str, inputs: dict, out) -> dict:
             raise DistributedTrainingError(
                 f"{stage}: data-parallel training ({n} processes) failed with exit code {r.returncode}; see the log "
                 f"above. Checkpoints in {out.uri} are kept: a rerun resumes from the latest.")
+    if reporter is not None:
+        from .consistency import LOSS_PLOT, publish_loss
+
+        log = [json.loads(line) for line in out.read_bytes("train_log.jsonl").decode().splitlines()]
+        publish_loss(reporter, stage, log, out.read_bytes(LOSS_PLOT) if log else None)
     return out.read_json(f"_markers/{stage}-train.json")["info"]
 
 
@@ -76,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     store = ArtifactStore(cfg.store.url, cfg.store.storage_options or None)
     inputs = {k: store.open_uri(v) for k, v in (item.split("=", 1) for item in args.input)}
     out = store.open_uri(args.out)
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    from .models import resolve_device
+
+    acc = Accelerator(cpu=resolve_device(cfg.compute).type == "cpu")
     stage = REGISTRY[args.stage]
     summary = stage.run(StageContext(config_view(stage, cfg), inputs, out, Reporter(bars=acc.is_main_process),
                                      accelerator=acc))

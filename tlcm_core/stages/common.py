@@ -8,8 +8,8 @@ from typing import Callable
 from ..config import PipelineConfig
 
 # the config paths every training stage's output depends on besides its own section (compute.dtype matters on GPUs,
-# compute.num_processes is the data-parallel world size)
-TRAINER_READS = ("teacher", "lora", "compute.seed", "compute.dtype", "compute.num_processes")
+# compute.num_processes is the data-parallel world size, compute.cpu_processes a CPU's split of each batch)
+TRAINER_READS = ("teacher", "lora", "compute.seed", "compute.dtype", "compute.num_processes", "compute.cpu_processes")
 LORA_STAGES = ("mlcd", "lcd", "finetune")
 
 
