@@ -80,7 +80,10 @@ def launch(cfg: PipelineConfig, stage: str, inputs: dict, out, reporter=None) ->
         cmd = launch_command(n, _free_port()) + ["--config", path, "--stage", stage, "--out", out.uri]
         for key, art in inputs.items():
             cmd += ["--input", f"{key}={art.uri}"]
-        r = subprocess.run(cmd, env={**os.environ, "TLCM_DISTRIBUTED_CHILD": "1"})
+        env = {**os.environ, "TLCM_DISTRIBUTED_CHILD": "1"}
+        if child is not cfg:  # a CPU's cores shared out: no process oversubscribes them with its threads
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or n) // n))
+        r = subprocess.run(cmd, env=env)
         if r.returncode != 0:
             raise DistributedTrainingError(
                 f"{stage}: data-parallel training ({n} processes) failed with exit code {r.returncode}; see the log "
