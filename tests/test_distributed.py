@@ -138,15 +138,15 @@ def test_cpu_processes_divide_each_trainers_batches_and_refuse_a_batch_they_cann
     from tlcm_core.config import ConfigError
     from tlcm_core.distributed import split_batches, world_size
 
-    cfg = load_config("toy-hard", ["compute.cpu_processes=2", "compute.device=cpu",
-                                   "finetune.phases=[{reward_weight: 5}, {batch_size: 4, dmd_weight: 2}]"])
+    cfg = load_config("toy-hard", ["compute.cpu_processes=2", "compute.device=cpu", "finetune.batch_size=3"])
     assert world_size(cfg.compute) == 2
+    assert world_size(cfg.compute, splits_on_cpu=False) == 1  # finetune: its draws are per micro-batch, not split
     child = split_batches(cfg, 2)
     assert (child.compute.num_processes, child.compute.cpu_processes) == (2, 1)
     assert (child.mlcd.batch_size, child.lcd.batch_size, child.lcd.anchor_batch_size) == (16, 16, 4)
-    assert [fc.batch_size for fc in child.finetune.phase_configs()] == [8, 2]
-    assert [fc.dmd_weight for fc in child.finetune.phase_configs()] == [1.0, 2.0]  # the phases are otherwise kept
-    assert world_size(load_config("toy-hard", ["compute.device=cpu"]).compute) == 1
+    assert child.finetune.batch_size == 3 and child.lcd.lr == cfg.lcd.lr
+    assert world_size(load_config("toy", ["compute.device=cpu"]).compute) == 1  # the default: one process
+    assert world_size(load_config("toy-hard", ["compute.device=cpu"]).compute) == 2  # the preset splits
     # num_processes names the world itself (one batch each), as on GPUs
     assert world_size(load_config("toy-hard", ["compute.cpu_processes=2", "compute.num_processes=3"]).compute) == 3
     with pytest.raises(ConfigError, match=r"lcd.anchor_batch_size=3 is not a multiple of 2"):

@@ -158,10 +158,11 @@ class ComputeConfig(Section):
     # training stages run data-parallel in this many processes (accelerate: one per GPU; gloo on CPU), each with its
     # own batch of the trainer's batch_size
     num_processes: int = Field(1, ge=1, le=64)
-    # training on a CPU with num_processes 1: the training stages run data-parallel in this many processes, each with
-    # 1/N of every batch: the same batches and the same recipe, N cores at work. torch's threads barely speed up
-    # small layers such as the toy worlds' (MLCD on toy-hard: 2 threads no faster than 1, 2 processes 1.5x;
-    # bench/RESULTS.md). Every trainer's batch sizes must be multiples of it. Ignored on a GPU
+    # training on a CPU with num_processes 1: MLCD and LCD run data-parallel in this many processes, each with 1/N of
+    # every batch: the same batches, so the same LoRA up to float rounding, N cores at work. torch's threads barely
+    # speed up small layers such as the toy worlds' (toy-hard's MLCD: 2 threads no faster than 1, 2 processes 2x;
+    # bench/RESULTS.md). Their batch sizes must be multiples of it. Finetune stays in one process: its draws are per
+    # micro-batch, so a split would change them, for 7% of its time on toy-hard. Ignored on a GPU
     cpu_processes: int = Field(1, ge=1, le=64)
     # the trainers (mlcd, lcd, finetune) recompute each block's activations in the backward pass instead of keeping
     # them (diffusers' enable_gradient_checkpointing, through the teacher's family): less memory, ~1/3 more compute,
@@ -513,13 +514,13 @@ class PipelineConfig(Section):
             return self
         for field, size in self.trainer_batch_sizes().items():
             if size % n:
-                raise ValueError(f"compute.cpu_processes={n} splits every training batch across {n} processes, "
+                raise ValueError(f"compute.cpu_processes={n} splits MLCD's and LCD's batches across {n} processes, "
                                  f"but {field}={size} is not a multiple of {n}; make it one, or set "
                                  "compute.cpu_processes=1")
         return self
 
     def trainer_batch_sizes(self) -> dict[str, int]:
-        """The batch sizes of the training stages in `stages`, by config field (each finetune phase's own)."""
+        """The batch sizes compute.cpu_processes splits, by config field: MLCD's and LCD's, when in `stages`."""
         out = {}
         if "mlcd" in self.stages:
             out["mlcd.batch_size"] = self.mlcd.batch_size
@@ -527,12 +528,6 @@ class PipelineConfig(Section):
             out["lcd.batch_size"] = self.lcd.batch_size
             if self.lcd.mlcd_weight and self.lcd.anchor_batch_size is not None:
                 out["lcd.anchor_batch_size"] = self.lcd.anchor_batch_size
-        if "finetune" in self.stages:
-            if self.finetune.phases:
-                out.update({f"finetune.phases[{i}].batch_size": fc.batch_size
-                            for i, fc in enumerate(self.finetune.phase_configs())})
-            else:
-                out["finetune.batch_size"] = self.finetune.batch_size
         return out
 
     @model_validator(mode="after")

@@ -39,12 +39,12 @@ def launch_command(n: int, port: int) -> list[str]:
             "--main_process_port", str(port), "-m", "tlcm_core.distributed"]
 
 
-def world_size(compute) -> int:
-    """The data-parallel processes of a training stage: compute.num_processes; or, training on a CPU with that at 1,
-    compute.cpu_processes (each with 1/N of every batch)."""
+def world_size(compute, splits_on_cpu: bool = True) -> int:
+    """The data-parallel processes of a training stage: compute.num_processes; or, for a stage that `splits_on_cpu`
+    (MLCD, LCD) training on a CPU with that at 1, compute.cpu_processes (each with 1/N of every batch)."""
     if compute.num_processes > 1:
         return compute.num_processes
-    if compute.cpu_processes > 1:
+    if splits_on_cpu and compute.cpu_processes > 1:
         from .models import resolve_device
 
         if resolve_device(compute).type == "cpu":
@@ -53,25 +53,21 @@ def world_size(compute) -> int:
 
 
 def split_batches(cfg: PipelineConfig, n: int) -> PipelineConfig:
-    """The config each of n processes trains with when compute.cpu_processes splits every batch: each trainer's
+    """The config each of n processes trains with when compute.cpu_processes splits MLCD's or LCD's batches: their
     batch sizes divided by n, and n as the data-parallel world. Rank r takes micro-batches r, r + n, ... of the
     smaller size, which together are the one-process batches (tlcm_core/pairs.py: a batch's rows do not depend on
     the batch size), so the recipe is the same."""
     data = cfg.model_dump(mode="json")
     data["compute"].update(num_processes=n, cpu_processes=1)
     for field, size in cfg.trainer_batch_sizes().items():
-        section, key, *leaf = field.split(".")
-        if leaf:  # finetune.phases[i].batch_size: every phase states its own
-            data[section]["phases"][int(key[len("phases["):-1])]["batch_size"] = size // n
-        else:
-            data[section][key] = size // n
+        section, key = field.split(".")
+        data[section][key] = size // n
     return validate_config(data, source="compute.cpu_processes")
 
 
-def launch(cfg: PipelineConfig, stage: str, inputs: dict, out, reporter=None) -> dict:
-    """Run training stage `stage` in `world_size` processes and return rank 0's summary; publish its loss table and
-    curves through `reporter` (the processes print to the terminal only)."""
-    n = world_size(cfg.compute)
+def launch(cfg: PipelineConfig, stage: str, inputs: dict, out, n: int, reporter=None) -> dict:
+    """Run training stage `stage` in n processes (`world_size`) and return rank 0's summary; publish its loss table
+    and curves through `reporter` (the processes print to the terminal only)."""
     child = cfg if cfg.compute.num_processes > 1 else split_batches(cfg, n)
     with tempfile.TemporaryDirectory(prefix="tlcm-launch-") as tmp:
         path = os.path.join(tmp, "config.json")

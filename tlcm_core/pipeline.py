@@ -154,14 +154,15 @@ def stage_inputs(cfg: PipelineConfig, store: ArtifactStore, name: str, p: Plan |
 def execute(stage: Stage, cfg: PipelineConfig, inputs: dict, out, reporter: Reporter,
             shards: list[int] | None = None) -> dict:
     """Run a stage's code on its declared view of the config: data-parallel for a training stage with
-    compute.num_processes (or, on a CPU, compute.cpu_processes) above 1 (launched here, at the stage boundary), else
-    in this process."""
+    compute.num_processes (or, for MLCD and LCD on a CPU, compute.cpu_processes) above 1 (launched here, at the stage
+    boundary), else in this process."""
     view = config_view(stage, cfg)
     if stage.trains:
         from .distributed import launch, world_size
 
-        if world_size(view.compute) > 1:
-            return launch(cfg, stage.name, inputs, out, reporter)
+        n = world_size(view.compute, stage.splits_on_cpu)
+        if n > 1:
+            return launch(cfg, stage.name, inputs, out, n, reporter)
     return stage.run(StageContext(view, inputs, out, reporter, shards))
 
 

@@ -44,6 +44,9 @@ class Stage:
     inputs: Callable[[PipelineConfig], dict[str, str]] = _no_inputs  # input name -> upstream stage
     num_shards: Callable[[PipelineConfig], int] | None = None  # set for stages several workers fill at once
     trains: bool = False  # a training stage: runs data-parallel in compute.num_processes processes
+    # a trainer whose batches compute.cpu_processes can split on a CPU without changing them (MLCD and LCD: a pair
+    # batch's rows do not depend on the batch size); it reads compute.cpu_processes
+    splits_on_cpu: bool = False
     makes_lora: bool = False
     # runs with the configured pipeline whenever a planned stage takes it as an input, listed in `stages` or not
     # (teacher-evaluate, for evaluate's teacher rows); `--stages` runs only what it names, as for every stage

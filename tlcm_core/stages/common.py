@@ -8,8 +8,8 @@ from typing import Callable
 from ..config import PipelineConfig
 
 # the config paths every training stage's output depends on besides its own section (compute.dtype matters on GPUs,
-# compute.num_processes is the data-parallel world size, compute.cpu_processes a CPU's split of each batch)
-TRAINER_READS = ("teacher", "lora", "compute.seed", "compute.dtype", "compute.num_processes", "compute.cpu_processes")
+# compute.num_processes is the data-parallel world size); the consistency trainers also read compute.cpu_processes
+TRAINER_READS = ("teacher", "lora", "compute.seed", "compute.dtype", "compute.num_processes")
 LORA_STAGES = ("mlcd", "lcd", "finetune")
 
 
@@ -19,7 +19,7 @@ def trainer_reads(section: str) -> Callable[[PipelineConfig], tuple[str, ...]]:
 
     def f(cfg: PipelineConfig) -> tuple[str, ...]:
         file = getattr(cfg, section).distance == "latent-lpips" and cfg.latent_lpips.source == "file"
-        return (section, *TRAINER_READS, *(("latent_lpips.weights",) if file else ()))
+        return (section, *TRAINER_READS, "compute.cpu_processes", *(("latent_lpips.weights",) if file else ()))
 
     return f
 

@@ -47,4 +47,4 @@ def _inputs(cfg) -> dict[str, str]:
 
 
 STAGE = Stage("lcd", version=2, run=run, reads=trainer_reads("lcd"), uses=trainer_uses("lcd"), inputs=_inputs,
-              trains=True, makes_lora=True)
+              trains=True, splits_on_cpu=True, makes_lora=True)

@@ -12,4 +12,4 @@ def run(ctx: StageContext) -> dict:
 
 
 STAGE = Stage("mlcd", version=2, run=run, reads=trainer_reads("mlcd"), uses=trainer_uses("mlcd"),
-              inputs=with_latent_lpips("mlcd", {"pairs": "teacher-trajectories"}), trains=True, makes_lora=True)
+              inputs=with_latent_lpips("mlcd", {"pairs": "teacher-trajectories"}), trains=True, splits_on_cpu=True, makes_lora=True)
