@@ -107,6 +107,9 @@ class _Published(SilentReporter):
     def image(self, key, png, description=""):
         self.items.append(("image", key, png[:8]))
 
+    def progress(self, key, done, total, **metrics):
+        self.items.append(("progress", key, (done, total)))
+
 
 def test_cpu_processes_split_every_batch_and_train_the_same_lora(tmp_path):
     """compute.cpu_processes=2 on a CPU: MLCD runs in 2 processes, each with half of every batch, and makes the
@@ -121,8 +124,11 @@ def test_cpu_processes_split_every_batch_and_train_the_same_lora(tmp_path):
     reporter = _Published()
     _, mlcd = run_pipeline(split, stages=["teacher-trajectories", "mlcd"], reporter=reporter)
     assert mlcd.summary["num_processes"] == 2 and not mlcd.cached
-    assert [i[:2] for i in reporter.items] == [("table", "mlcd-loss"), ("image", "mlcd-loss-curve")]
-    assert reporter.items[0][2] == 2 and reporter.items[1][2] == b"\x89PNG\r\n\x1a\n"
+    progress = [i[2] for i in reporter.items if i[0] == "progress"]
+    assert progress and progress[-1] == (4, 4) and progress == sorted(progress)  # rank 0's, forwarded
+    published = [i for i in reporter.items if i[0] != "progress"]
+    assert [i[:2] for i in published] == [("table", "mlcd-loss"), ("image", "mlcd-loss-curve")]
+    assert published[0][2] == 2 and published[1][2] == b"\x89PNG\r\n\x1a\n"
     (single,) = run_pipeline(load_config("toy-fast", common), stages=["mlcd"], reporter=SilentReporter())
     assert single.fingerprint != mlcd.fingerprint and not single.cached  # the split is part of the recipe's record
     one = open_store(split).artifact("mlcd", single.fingerprint).load_tensors("lora.safetensors")

@@ -65,9 +65,57 @@ def split_batches(cfg: PipelineConfig, n: int) -> PipelineConfig:
     return validate_config(data, source="compute.cpu_processes")
 
 
+PROGRESS = "_markers/{stage}-progress.json"  # rank 0's latest progress, for the launching process to forward
+POLL_S = 2.0
+
+
+def _progress_reporter(out, stage: str, main: bool):
+    """Rank 0 reports progress into the artifact's bookkeeping (never committed), where `launch` reads it and
+    forwards it to the run's reporter (the terminal's bar, the Prefect UI's progress); the other ranks stay quiet."""
+    from .progress import Reporter, SilentReporter
+
+    class ProgressFile(Reporter):
+        def progress(self, key: str, done: int, total: int, **metrics: float) -> None:
+            out.write_json(PROGRESS.format(stage=stage), {"key": key, "done": done, "total": total,
+                                                          "metrics": metrics})
+
+    return ProgressFile(bars=False) if main else SilentReporter()
+
+
+def _forward_progress(out, stage: str, reporter, last: dict | None) -> dict | None:
+    """The processes' latest progress, passed to `reporter` when it changed (a file caught mid-write is skipped)."""
+    try:
+        now = out.read_json(PROGRESS.format(stage=stage))
+    except Exception:  # not written yet, or being written
+        return last
+    if now != last:
+        reporter.progress(now["key"], now["done"], now["total"], **now["metrics"])
+    return now
+
+
+def _run_forwarding(cmd: list[str], env: dict, out, stage: str, reporter) -> int:
+    """Run the launcher, forwarding progress every POLL_S; the processes are killed if this one is interrupted."""
+    proc = subprocess.Popen(cmd, env=env)
+    last = None
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=POLL_S)
+            except subprocess.TimeoutExpired:
+                rc = None
+            if reporter is not None:
+                last = _forward_progress(out, stage, reporter, last)
+            if rc is not None:
+                return rc
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
 def launch(cfg: PipelineConfig, stage: str, inputs: dict, out, n: int, reporter=None) -> dict:
-    """Run training stage `stage` in n processes (`world_size`) and return rank 0's summary; publish its loss table
-    and curves through `reporter` (the processes print to the terminal only)."""
+    """Run training stage `stage` in n processes (`world_size`) and return rank 0's summary; forward its progress
+    and publish its loss table and curves through `reporter`."""
     child = cfg if cfg.compute.num_processes > 1 else split_batches(cfg, n)
     with tempfile.TemporaryDirectory(prefix="tlcm-launch-") as tmp:
         path = os.path.join(tmp, "config.json")
@@ -79,10 +127,10 @@ def launch(cfg: PipelineConfig, stage: str, inputs: dict, out, n: int, reporter=
         env = {**os.environ, "TLCM_DISTRIBUTED_CHILD": "1"}
         if child is not cfg:  # a CPU's cores shared out: no process oversubscribes them with its threads
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or n) // n))
-        r = subprocess.run(cmd, env=env)
-        if r.returncode != 0:
+        rc = _run_forwarding(cmd, env, out, stage, reporter)
+        if rc != 0:
             raise DistributedTrainingError(
-                f"{stage}: data-parallel training ({n} processes) failed with exit code {r.returncode}; see the log "
+                f"{stage}: data-parallel training ({n} processes) failed with exit code {rc}; see the log "
                 f"above. Checkpoints in {out.uri} are kept: a rerun resumes from the latest.")
     if reporter is not None:
         from .consistency import LOSS_PLOT, publish_loss
@@ -96,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import Accelerator
 
-    from .progress import Reporter
+    from .models import resolve_device
     from .stage import StageContext, config_view
     from .stages import REGISTRY
     from .store import ArtifactStore
@@ -111,12 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     store = ArtifactStore(cfg.store.url, cfg.store.storage_options or None)
     inputs = {k: store.open_uri(v) for k, v in (item.split("=", 1) for item in args.input)}
     out = store.open_uri(args.out)
-    from .models import resolve_device
-
     acc = Accelerator(cpu=resolve_device(cfg.compute).type == "cpu")
     stage = REGISTRY[args.stage]
-    summary = stage.run(StageContext(config_view(stage, cfg), inputs, out, Reporter(bars=acc.is_main_process),
-                                     accelerator=acc))
+    reporter = _progress_reporter(out, args.stage, acc.is_main_process)
+    summary = stage.run(StageContext(config_view(stage, cfg), inputs, out, reporter, accelerator=acc))
     if acc.is_main_process:
         out.mark_done(f"{args.stage}-train", {**summary, "num_processes": acc.num_processes})
     acc.wait_for_everyone()
