@@ -22,8 +22,8 @@ from tlcm_core.config import load_config
 from tlcm_core.pipeline import open_store, run_pipeline
 from tlcm_core.progress import SilentReporter
 
-SETTINGS = (("1 process, 1 thread", ["compute.num_threads=1"]),
-            ("1 process, 2 threads", ["compute.num_threads=2"]),
+SETTINGS = (("1 process, 1 thread", ["compute.cpu_processes=1", "compute.num_threads=1"]),
+            ("1 process, 2 threads", ["compute.cpu_processes=1", "compute.num_threads=2"]),
             ("2 processes (cpu_processes=2), 1 thread each", ["compute.cpu_processes=2"]))
 
 
