@@ -157,3 +157,24 @@ def test_cpu_processes_divide_each_trainers_batches_and_refuse_a_batch_they_cann
     assert world_size(load_config("toy-hard", ["compute.cpu_processes=2", "compute.num_processes=3"]).compute) == 3
     with pytest.raises(ConfigError, match=r"lcd.anchor_batch_size=3 is not a multiple of 2"):
         load_config("toy-hard", ["compute.cpu_processes=2", "lcd.anchor_batch_size=3"])
+
+
+def test_progress_forwarding_skips_an_earlier_launchs_file_and_a_half_written_one(tmp_path):
+    """A resumed launch must not replay the progress an interrupted one left in the artifact, nor stop on a file it
+    catches mid-write; it forwards its own rank 0's progress once per change."""
+    from tlcm_core.distributed import PROGRESS, _forward_progress, _progress_reporter
+    from tlcm_core.store import ArtifactStore
+
+    out = ArtifactStore(str(tmp_path)).artifact("mlcd", "e" * 16)
+    _progress_reporter(out, "mlcd", True, "old").progress("mlcd", 300, 600, loss=0.5)
+    reporter = _Published()
+    last = _forward_progress(out, "mlcd", reporter, None, "new")
+    assert last is None and reporter.items == []
+    _progress_reporter(out, "mlcd", False, "new").progress("mlcd", 250, 600)  # rank 1 writes nothing
+    assert _forward_progress(out, "mlcd", reporter, last, "new") is None
+    _progress_reporter(out, "mlcd", True, "new").progress("mlcd", 200, 600, loss=0.25)
+    last = _forward_progress(out, "mlcd", reporter, last, "new")
+    last = _forward_progress(out, "mlcd", reporter, last, "new")  # unchanged: not forwarded again
+    out.write_bytes(PROGRESS.format(stage="mlcd"), b'{"launch": "new", "key": "ml')  # caught mid-write
+    assert _forward_progress(out, "mlcd", reporter, last, "new") == last
+    assert reporter.items == [("progress", "mlcd", (200, 600))]

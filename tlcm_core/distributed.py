@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import uuid
 
 from .config import PipelineConfig, validate_config
 from .errors import UserError
@@ -69,31 +70,35 @@ PROGRESS = "_markers/{stage}-progress.json"  # rank 0's latest progress, for the
 POLL_S = 2.0
 
 
-def _progress_reporter(out, stage: str, main: bool):
+def _progress_reporter(out, stage: str, main: bool, launch_id: str):
     """Rank 0 reports progress into the artifact's bookkeeping (never committed), where `launch` reads it and
-    forwards it to the run's reporter (the terminal's bar, the Prefect UI's progress); the other ranks stay quiet."""
+    forwards it to the run's reporter (the terminal's bar, the Prefect UI's progress); the other ranks stay quiet.
+    `launch_id` tells this launch's file from one an interrupted launch left behind."""
     from .progress import Reporter, SilentReporter
 
     class ProgressFile(Reporter):
         def progress(self, key: str, done: int, total: int, **metrics: float) -> None:
-            out.write_json(PROGRESS.format(stage=stage), {"key": key, "done": done, "total": total,
-                                                          "metrics": metrics})
+            out.write_json(PROGRESS.format(stage=stage), {"launch": launch_id, "key": key, "done": done,
+                                                          "total": total, "metrics": metrics})
 
     return ProgressFile(bars=False) if main else SilentReporter()
 
 
-def _forward_progress(out, stage: str, reporter, last: dict | None) -> dict | None:
-    """The processes' latest progress, passed to `reporter` when it changed (a file caught mid-write is skipped)."""
+def _forward_progress(out, stage: str, reporter, last: dict | None, launch_id: str) -> dict | None:
+    """The processes' latest progress, passed to `reporter` when it changed (a file caught mid-write, or one an
+    earlier launch left, is skipped)."""
     try:
         now = out.read_json(PROGRESS.format(stage=stage))
     except Exception:  # not written yet, or being written
+        return last
+    if now.get("launch") != launch_id:
         return last
     if now != last:
         reporter.progress(now["key"], now["done"], now["total"], **now["metrics"])
     return now
 
 
-def _run_forwarding(cmd: list[str], env: dict, out, stage: str, reporter) -> int:
+def _run_forwarding(cmd: list[str], env: dict, out, stage: str, reporter, launch_id: str) -> int:
     """Run the launcher, forwarding progress every POLL_S; the processes are killed if this one is interrupted."""
     proc = subprocess.Popen(cmd, env=env)
     last = None
@@ -104,7 +109,7 @@ def _run_forwarding(cmd: list[str], env: dict, out, stage: str, reporter) -> int
             except subprocess.TimeoutExpired:
                 rc = None
             if reporter is not None:
-                last = _forward_progress(out, stage, reporter, last)
+                last = _forward_progress(out, stage, reporter, last, launch_id)
             if rc is not None:
                 return rc
     except BaseException:
@@ -121,13 +126,15 @@ def launch(cfg: PipelineConfig, stage: str, inputs: dict, out, n: int, reporter=
         path = os.path.join(tmp, "config.json")
         with open(path, "w") as f:
             json.dump(child.model_dump(mode="json"), f)
-        cmd = launch_command(n, _free_port()) + ["--config", path, "--stage", stage, "--out", out.uri]
+        launch_id = uuid.uuid4().hex
+        cmd = launch_command(n, _free_port()) + ["--config", path, "--stage", stage, "--out", out.uri,
+                                                 "--launch-id", launch_id]
         for key, art in inputs.items():
             cmd += ["--input", f"{key}={art.uri}"]
         env = {**os.environ, "TLCM_DISTRIBUTED_CHILD": "1"}
         if child is not cfg:  # a CPU's cores shared out: no process oversubscribes them with its threads
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or n) // n))
-        rc = _run_forwarding(cmd, env, out, stage, reporter)
+        rc = _run_forwarding(cmd, env, out, stage, reporter, launch_id)
         if rc != 0:
             raise DistributedTrainingError(
                 f"{stage}: data-parallel training ({n} processes) failed with exit code {rc}; see the log "
@@ -153,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     for a in ("--config", "--stage", "--out"):
         ap.add_argument(a, required=True)
     ap.add_argument("--input", action="append", default=[], help="NAME=URI of an input artifact (repeatable)")
+    ap.add_argument("--launch-id", default="", help="tags rank 0's progress file for the launching process")
     args = ap.parse_args(argv)
     with open(args.config) as f:
         cfg = validate_config(json.load(f), source=args.config)
@@ -161,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     out = store.open_uri(args.out)
     acc = Accelerator(cpu=resolve_device(cfg.compute).type == "cpu")
     stage = REGISTRY[args.stage]
-    reporter = _progress_reporter(out, args.stage, acc.is_main_process)
+    reporter = _progress_reporter(out, args.stage, acc.is_main_process, args.launch_id)
     summary = stage.run(StageContext(config_view(stage, cfg), inputs, out, reporter, accelerator=acc))
     if acc.is_main_process:
         out.mark_done(f"{args.stage}-train", {**summary, "num_processes": acc.num_processes})
