@@ -88,7 +88,7 @@ def cmd_eval(args) -> int:
                  if v is not None]
         if given:
             raise UserError(f"{', '.join(given)}: only with --lora FILE (the teacher's rows are DDIM + CFG with "
-                            "schedule.guidance)")
+                            "evaluate.teacher_guidance, else schedule.guidance)")
     else:  # refused (missing, unreadable, wrong rank, other base model, no scheduler) before the teacher loads
         from tlcm_core.evaluation import eval_lora
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
 
 from test_metrics import TinyFeatures  # noqa: E402 - the fast FID feature stand-in
 
@@ -21,7 +22,7 @@ import tlcm_core.evaluation as evaluation
 from tlcm_core.config import load_config
 from tlcm_core.evaluation import FID_REFERENCE, TEACHER_SHOWN, evaluate_rows, load_teacher_rows, side_by_side_png
 from tlcm_core.lora import read_lora
-from tlcm_core.models import teacher_identity
+from tlcm_core.models import load_pipeline, teacher_identity
 from tlcm_core.pipeline import open_store, plan, plan_run, run_pipeline
 from tlcm_core.progress import SilentReporter
 
@@ -175,9 +176,15 @@ def test_which_settings_the_teacher_rows_depend_on(tmp_path):
                             (["evaluate.teacher_steps=[25]"], ["teacher-evaluate", "evaluate"]),
                             (["evaluate.seed=7"], ["teacher-evaluate", "evaluate"]),
                             (["schedule.guidance=5"], STAGES),
-                            (["evaluate.metrics.kind=none"], ["teacher-evaluate", "evaluate"])):
+                            (["evaluate.metrics.kind=none"], ["teacher-evaluate", "evaluate"]),
+                            (["evaluate.teacher_guidance=5"], ["teacher-evaluate", "evaluate"])):
         p = plan(config(tmp_path, *change))
         assert [s for s in STAGES if p[s].fingerprint != base[s].fingerprint] == changed, change
+    # evaluate.teacher_guidance set: the distillation's scale no longer shapes the teacher's rows
+    apart = plan(config(tmp_path, "evaluate.teacher_guidance=7"))
+    other = plan(config(tmp_path, "evaluate.teacher_guidance=7", "schedule.guidance=3"))
+    assert apart["teacher-evaluate"].fingerprint == other["teacher-evaluate"].fingerprint
+    assert apart["mlcd"].fingerprint != other["mlcd"].fingerprint
     # the whole pipeline runs the implied teacher-evaluate; --stages runs what it names
     assert plan_run(config(tmp_path), access="none").todo == STAGES
     assert plan_run(config(tmp_path), ["evaluate"], access="none").todo == ["evaluate"]
@@ -185,3 +192,17 @@ def test_which_settings_the_teacher_rows_depend_on(tmp_path):
     none = config(tmp_path, "evaluate.teacher_steps=[]")
     assert "teacher" not in plan(none)["evaluate"].inputs and "teacher-evaluate" not in plan(none).stages
     assert plan_run(none, access="none").todo == ["teacher-trajectories", "mlcd", "evaluate"]
+
+
+def test_the_teacher_rows_use_evaluate_teacher_guidance(monkeypatch):
+    """The teacher's baseline sampler gets evaluate.teacher_guidance when it is set, else schedule.guidance."""
+    scales = []
+    monkeypatch.setattr(evaluation, "teacher_sample", lambda model, x_T, steps, cond, unc, w, grid: scales.append(w)
+                        or x_T)
+    for extra, want in (([], 7.0), (["evaluate.teacher_guidance=2.5"], 2.5)):
+        cfg = load_config("toy-fast", ["compute.device=cpu", "schedule.guidance=7", *extra])
+        sampler = evaluation.Sampler(cfg, load_pipeline(cfg.teacher, torch.device("cpu")), None)
+        x_T = torch.randn(2, *sampler.shape)
+        cond = sampler.cond[torch.tensor([0, 1])]
+        sampler.latents(2, x_T, cond, torch.Generator().manual_seed(0))
+        assert scales[-1] == want, extra

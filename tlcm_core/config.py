@@ -420,6 +420,9 @@ class EvaluateConfig(Section):
     # evenly spaced noise levels (sigma; what a flow teacher under a large shift wants: docs/flow-matching.md)
     milestone_grid: Literal["official", "sigma"] = "official"
     seed: int = Field(1234, ge=0)
+    # the CFG scale of the teacher's baseline rows (None: schedule.guidance). Set it where the pipeline distils at
+    # another scale than users sample the teacher with, so the student is compared with the teacher as it is used
+    teacher_guidance: float | None = Field(None, ge=0.0)
     grid_size: int = Field(16, ge=0, description="images in the sample grid per step count (0: none)")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 

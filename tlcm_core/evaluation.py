@@ -132,7 +132,7 @@ class Sampler:
             return tlcm_sample(student_x0_fn(self.denoiser, cond), x_T, ts, self.schedule, mode=mode,
                                generator=generator)
         unc = self.uncond.to(self.device, x_T.dtype)
-        return teacher_sample(self.denoiser, x_T, steps, cond, unc, self.cfg.schedule.guidance,
+        return teacher_sample(self.denoiser, x_T, steps, cond, unc, teacher_guidance(self.cfg),
                               teacher_grid(self.pipe, self.cfg.teacher.resolution, steps))
 
     def milestones(self, steps: int) -> list[int]:
@@ -475,6 +475,17 @@ def eval_jobs(cfg: PipelineConfig, lora: dict | ForeignLoRA | None, steps: list[
         method = lora.method if isinstance(lora, ForeignLoRA) else f"tlcm-{cfg.evaluate.sampler}"
         jobs += [(method, s, lora) for s in steps]
     return jobs
+
+
+def teacher_guidance(cfg: PipelineConfig) -> float:
+    """The CFG scale of the teacher's baseline rows: evaluate.teacher_guidance, else the distillation's scale."""
+    g = cfg.evaluate.teacher_guidance
+    return cfg.schedule.guidance if g is None else g
+
+
+def teacher_guidance_reads(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The config fields teacher_guidance reads (schedule.guidance only when evaluate.teacher_guidance is unset)."""
+    return ("evaluate.teacher_guidance",) + (("schedule.guidance",) if cfg.evaluate.teacher_guidance is None else ())
 
 
 def teacher_row_steps(cfg: PipelineConfig, with_lora: bool) -> list[int]:

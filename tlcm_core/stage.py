@@ -110,7 +110,7 @@ DERIVED = ("teacher", "trajectories.prompts", "lora.target_modules")
 # the behaviour from before the field), so adding a field keeps every fingerprint a config at its default had.
 HASHED_UNLESS_DEFAULT = ("compute.cpu_dtype", "compute.cpu_processes", "mlcd.ema_decay", "lcd.ema_decay",
                          "finetune.ema_decay", "finetune.regression_weight", "finetune.regression_pairs",
-                         "finetune.regression_steps")
+                         "finetune.regression_steps", "evaluate.teacher_guidance")
 
 
 def _field_default(path: str) -> Any:

@@ -10,7 +10,8 @@ and, with evaluate.metrics.fid_reference=teacher, FID's reference statistics (tl
 
 from __future__ import annotations
 
-from ..evaluation import save_teacher_rows, teacher_row_steps, teacher_rows, uses_captions
+from ..evaluation import (save_teacher_rows, teacher_guidance_reads, teacher_row_steps, teacher_rows,
+                          uses_captions)
 from ..stage import Stage, StageContext
 from .common import final_lora_stage
 
@@ -34,8 +35,8 @@ def _reads(cfg) -> tuple[str, ...]:
     steps = "evaluate.teacher_steps" if final_lora_stage(cfg) is not None else "evaluate.steps"
     # evaluation prompts: the captions file, else the toy world's prompts, else the training prompts
     prompts = () if uses_captions(cfg) or cfg.teacher.toy_world else ("trajectories.prompts",)
-    return ("teacher", steps, *(f"evaluate.{f}" for f in EVALUATE_FIELDS), "schedule.guidance", "compute.dtype",
-            "compute.cpu_dtype", *prompts)
+    return ("teacher", steps, *(f"evaluate.{f}" for f in EVALUATE_FIELDS), *teacher_guidance_reads(cfg),
+            "compute.dtype", "compute.cpu_dtype", *prompts)
 
 
 # implied: run with the pipeline whenever evaluate takes it as an input, whether or not `stages` lists it;
