@@ -440,4 +440,4 @@ def test_cli_eval_other_lora_errors_are_one_line(toy_loras, capfd):
     assert "is not a TLCM LoRA (no tlcm-lora/1 metadata): say which scheduler" in err and "--scheduler lcm" in err
     rc, _, err = _tlcm([*EVAL, "--lora", "none", "--scheduler", "tcd", "--steps", "1"], capfd)
     assert rc == 2 and err.strip() == ("error: --scheduler: only with --lora FILE (the teacher's rows are DDIM + CFG "
-                                       "with schedule.guidance)")
+                                       "with evaluate.teacher_guidance, else schedule.guidance)")
