@@ -173,6 +173,25 @@ def test_cpu_dtype_bfloat16_warns_once_where_the_cpu_emulates_it(monkeypatch, ca
         torch.float16
 
 
+def test_cpu_dtype_auto_is_bfloat16_only_where_the_cpu_computes_it_and_hashes_as_what_it_chose(monkeypatch):
+    """compute.cpu_dtype=auto: bfloat16 on a CPU with AVX512-BF16 or AMX, float32 elsewhere (without the emulation
+    warning) and where /proc/cpuinfo is absent; every stage's fingerprint is that of the explicit dtype it chose, so
+    an auto run reuses (and is reused by) the explicit one's artifacts on the same machine."""
+    import tlcm_core.models as models
+
+    stages = "stages=[teacher-trajectories,mlcd,lcd-trajectories,lcd,evaluate]"
+    explicit = {d: plan(load_config("toy-fast", [stages, f"compute.cpu_dtype={d}"])) for d in ("float32", "bfloat16")}
+    cpu = torch.device("cpu")
+    for native, want in ((True, "bfloat16"), (False, "float32"), (None, "float32")):
+        monkeypatch.setattr(models, "cpu_has_native_bf16", lambda native=native: native)
+        models._warn_emulated_bf16.cache_clear()
+        auto = load_config("toy-fast", [stages, "compute.cpu_dtype=auto"])
+        assert models.resolve_dtype(auto.compute, cpu) == getattr(torch, want)
+        p = plan(auto)
+        assert all(p[s].fingerprint == explicit[want][s].fingerprint for s in p.stages), native
+    assert models._warn_emulated_bf16.cache_info().currsize == 0
+
+
 def test_two_shard_workers_at_once_then_commit(tiny_teacher, tmp_path):
     """Two processes fill disjoint shards of one artifact at the same time (both encode the text conditioning);
     the final run commits; the result equals a single-process run byte for byte."""

@@ -151,8 +151,10 @@ class ComputeConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # training/inference autocast dtype on GPU
     # the frozen pipelines' weights on a CPU: the teacher and student sampling of the trajectory and evaluation stages
     # (training stays float32). bfloat16 samples ~1.8x faster on CPUs with AVX512-BF16 or AMX and slower on others
-    # (a warning says so); half the weights' memory either way (README, "What each stage costs")
-    cpu_dtype: Literal["float32", "bfloat16"] = "float32"
+    # (a warning says so); half the weights' memory either way (README, "What each stage costs"). auto: bfloat16
+    # where this CPU computes it natively, else float32; the fingerprints hash the dtype it resolves to, so a store
+    # keeps the pairs of each apart
+    cpu_dtype: Literal["float32", "bfloat16", "auto"] = "float32"
     seed: int = Field(0, ge=0)
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; None keeps torch's")
     # training stages run data-parallel in this many processes (accelerate: one per GPU; gloo on CPU), each with its

@@ -53,7 +53,15 @@ def resolve_dtype(compute: ComputeConfig, device: torch.device) -> torch.dtype:
         return getattr(torch, compute.dtype)
     if compute.cpu_dtype == "bfloat16" and cpu_has_native_bf16() is False:
         _warn_emulated_bf16()
-    return getattr(torch, compute.cpu_dtype)
+    return getattr(torch, cpu_dtype_name(compute))
+
+
+def cpu_dtype_name(compute: ComputeConfig) -> str:
+    """compute.cpu_dtype with `auto` resolved: bfloat16 where this CPU computes it natively, else float32 (also where
+    /proc/cpuinfo is absent)."""
+    if compute.cpu_dtype != "auto":
+        return compute.cpu_dtype
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
 @functools.cache

@@ -80,13 +80,17 @@ class StageContext:
 
 def _derived(cfg: PipelineConfig, path: str) -> Any:
     """Values hashed in place of a raw config field (the paths in DERIVED): what identifies the teacher's weights,
-    the prompt list's content rather than its location, and the LoRA's target modules as attach_lora resolves them
+    the prompt list's content rather than its location, the CPU sampling dtype `auto` resolves to, and the LoRA's target modules as attach_lora resolves them
     (`auto` is the family's list where the family is known without fetching anything, so a UNet teacher's
     fingerprints are those of the explicit list that was the default before `auto`; else `auto` itself)."""
     if path == "teacher":
         from .models import teacher_identity
 
         return teacher_identity(cfg.teacher)
+    if path == "compute.cpu_dtype":  # `auto` as this machine resolves it: the dtype the pairs were sampled in
+        from .models import cpu_dtype_name
+
+        return cpu_dtype_name(cfg.compute)
     if path == "lora.target_modules":
         from .models import local_family
 
@@ -104,7 +108,7 @@ def _dump(cfg: PipelineConfig, path: str) -> Any:
     return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
 
 
-DERIVED = ("teacher", "trajectories.prompts", "lora.target_modules")
+DERIVED = ("teacher", "trajectories.prompts", "lora.target_modules", "compute.cpu_dtype")
 
 # Fields added after artifacts were made without them: hashed only when set away from their default (which must be
 # the behaviour from before the field), so adding a field keeps every fingerprint a config at its default had.
@@ -121,8 +125,6 @@ def _field_default(path: str) -> Any:
     return model.model_fields[leaf].get_default(call_default_factory=True)
 
 
-def _at_default(cfg: PipelineConfig, path: str) -> bool:
-    return _dump(cfg, path) == _field_default(path)
 
 
 def config_slice(stage: Stage, cfg: PipelineConfig, derived: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -137,7 +139,10 @@ def config_slice(stage: Stage, cfg: PipelineConfig, derived: dict[str, Any] | No
         v = derived[path]
         return dict(v) if isinstance(v, dict) else v  # each slice its own dict: `uses` below may pop from it
 
-    at_default = tuple(f for f in HASHED_UNLESS_DEFAULT if _at_default(cfg, f))  # left out, read alone or in a section
+    # left out, read alone or in a section; a derived field by its derived value (cpu_dtype auto resolved to float32
+    # hashes as float32 does: not at all)
+    at_default = tuple(f for f in HASHED_UNLESS_DEFAULT
+                       if (value_of(f) if f in DERIVED else _dump(cfg, f)) == _field_default(f))
     out: dict[str, Any] = {}
     for path in stage.reads_for(cfg):
         if path in at_default:
