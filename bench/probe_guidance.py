@@ -28,8 +28,12 @@ def guidance_interval(lo: int, hi: int, w_in: float, w_out: float):
     guided = Denoiser.guided
 
     def by_timestep(self, x_t, t, cond, uncond, w):
-        inside = ((self._timesteps(x_t, t) >= lo) & (self._timesteps(x_t, t) <= hi)).view(-1, *[1] * (x_t.dim() - 1))
+        steps = self._timesteps(x_t, t)
+        inside = (steps >= lo) & (steps <= hi)
+        if inside.all() or not inside.any():  # the DDIM teacher's batches share one timestep: one guided pass
+            return guided(self, x_t, t, cond, uncond, w_in if inside.all() else w_out)
         a, b = guided(self, x_t, t, cond, uncond, w_in), guided(self, x_t, t, cond, uncond, w_out)
+        inside = inside.view(-1, *[1] * (x_t.dim() - 1))
         return torch.where(inside, a[0], b[0]), torch.where(inside, a[1], b[1])
 
     Denoiser.guided = by_timestep
