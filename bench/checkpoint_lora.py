@@ -17,7 +17,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tlcm_core.lora import ADAPTER
+from tlcm_core.lora import ADAPTER, split_prefix
 
 
 def checkpoint_lora(artifact: Path, step: int, out: Path, prefix: str = "checkpoints") -> int:
@@ -29,9 +29,9 @@ def checkpoint_lora(artifact: Path, step: int, out: Path, prefix: str = "checkpo
         raise SystemExit(f"{ckpt}: no such checkpoint (kept: {', '.join(kept) or 'none'})")
     with safe_open(str(final), "pt") as f:
         metadata, keys = f.metadata(), set(f.keys())
-    network = {k.split(".", 1)[0] for k in keys}.pop()  # unet / transformer
+    network, _ = split_prefix(dict.fromkeys(keys), where=str(final))  # "unet." / "transformer."
     tag = f".{ADAPTER}."
-    state = {f"{network}.{k[len('student.'):].replace(tag, '.')}": v
+    state = {f"{network}{k[len('student.'):].replace(tag, '.')}": v
              for k, v in load_file(str(ckpt)).items() if k.startswith("student.")}
     if set(state) != keys:
         odd = sorted(set(state) ^ keys)[:3]

@@ -71,6 +71,7 @@ def _warn_emulated_bf16() -> None:
         "float32; set compute.cpu_dtype=float32 on this machine")
 
 
+@functools.cache  # read once per process: every plan's fingerprints and every stage's dtype ask
 def cpu_has_native_bf16() -> bool | None:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX: then bf16 matmuls and convolutions are
     about twice as fast as float32; elsewhere they are emulated and slower). None where /proc/cpuinfo is absent."""

@@ -80,9 +80,10 @@ class StageContext:
 
 def _derived(cfg: PipelineConfig, path: str) -> Any:
     """Values hashed in place of a raw config field (the paths in DERIVED): what identifies the teacher's weights,
-    the prompt list's content rather than its location, the CPU sampling dtype `auto` resolves to, and the LoRA's target modules as attach_lora resolves them
-    (`auto` is the family's list where the family is known without fetching anything, so a UNet teacher's
-    fingerprints are those of the explicit list that was the default before `auto`; else `auto` itself)."""
+    the prompt list's content rather than its location, the CPU sampling dtype `auto` resolves to, and the LoRA's
+    target modules as attach_lora resolves them (`auto` is the family's list where the family is known without
+    fetching anything, so a UNet teacher's fingerprints are those of the explicit list that was the default before
+    `auto`; else `auto` itself)."""
     if path == "teacher":
         from .models import teacher_identity
 
@@ -123,8 +124,6 @@ def _field_default(path: str) -> Any:
     for part in sections:
         model = model.model_fields[part].annotation
     return model.model_fields[leaf].get_default(call_default_factory=True)
-
-
 
 
 def config_slice(stage: Stage, cfg: PipelineConfig, derived: dict[str, Any] | None = None) -> dict[str, Any]:
