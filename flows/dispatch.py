@@ -27,6 +27,7 @@ from prefect.runtime import flow_run
 
 from tlcm_core.config import validate_config
 from tlcm_core.pipeline import num_shards, open_store, plan_run
+from tlcm_core.shard_processes import split_shards
 from tlcm_core.stages import REGISTRY
 from tlcm_core.store import CorruptArtifactError, IncompleteArtifactError
 
@@ -42,20 +43,6 @@ SHARED_SETUP_MARKER: dict[str, str] = {}
 
 class StageRunFailed(RuntimeError):
     pass
-
-
-def split_shards(n: int, runs: int) -> list[list[int]]:
-    """Shard indices 0..n-1 in contiguous, near-equal groups, one per run (never an empty group)."""
-    if n < 1 or runs < 1:
-        raise ValueError(f"need at least one shard and one run, got n={n}, runs={runs}")
-    k = min(runs, n)
-    base, extra = divmod(n, k)
-    groups, start = [], 0
-    for j in range(k):
-        size = base + (1 if j < extra else 0)
-        groups.append(list(range(start, start + size)))
-        start += size
-    return groups
 
 
 def _run_name(stage: str, shards: list[int] | None) -> str:

@@ -222,3 +222,52 @@ def test_two_shard_workers_at_once_then_commit(tiny_teacher, tmp_path):
     a = open_store(par).artifact("teacher-trajectories", res.fingerprint).manifest(verify="checksum")
     b = open_store(cfg_for(tmp_path / "seq")).artifact("teacher-trajectories", ref.fingerprint).manifest()
     assert {k: v.sha256 for k, v in a.files.items()} == {k: v.sha256 for k, v in b.files.items()}
+
+
+def test_compute_num_threads_applies_to_the_stages_of_a_run(tiny_teacher, tmp_path):
+    """compute.num_threads sets torch's threads for the stages a run executes in its process (not only `tlcm eval`)."""
+    cfg = tiny_config(tiny_teacher, str(tmp_path / "s"), "trajectories.num_samples=16", "compute.num_threads=2")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        run_pipeline(cfg, stages=["teacher-trajectories"], reporter=SilentReporter())
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_processes_fill_a_sharded_stage_in_local_processes(tiny_teacher, tmp_path, monkeypatch):
+    """compute.cpu_processes=2 on a CPU fills teacher-trajectories' shards in two local processes, forwarding their
+    progress; the artifact equals the one-process run's byte for byte. A process that fails leaves its shards to
+    the stage's own run, which fills them and commits."""
+    import sys
+
+    from tlcm_core import shard_processes
+
+    def run(name, *extra):
+        cfg = tiny_config(tiny_teacher, str(tmp_path / name), "trajectories.num_samples=32", *extra)
+        seen = {"log": [], "progress": []}
+
+        class Recorder(SilentReporter):
+            def log(self, message):
+                seen["log"].append(message)
+
+            def progress(self, key, done, total, **metrics):
+                seen["progress"].append((key, done, total))
+
+        (res,) = run_pipeline(cfg, stages=["teacher-trajectories"], reporter=Recorder())
+        m = open_store(cfg).artifact("teacher-trajectories", res.fingerprint).manifest(verify="checksum")
+        return {k: v.sha256 for k, v in m.files.items()}, seen
+
+    ref, _ = run("one")
+    two, seen = run("two", "compute.cpu_processes=2")
+    assert two == ref
+    assert any("2 shards in 2 local processes" in m for m in seen["log"])
+    assert seen["progress"][-1] == ("teacher-trajectories", 2, 2)
+    real = shard_processes.command
+    monkeypatch.setattr(shard_processes, "command", lambda cfg_path, stage, out, inputs, shards: (
+        [sys.executable, "-c", "raise SystemExit(3)"] if shards == [1] else real(cfg_path, stage, out, inputs, shards)))
+    failed, seen = run("failed", "compute.cpu_processes=2")
+    assert failed == ref
+    assert any("shards 1..1 exited with code 3" in m for m in seen["log"])
+    assert ("teacher-trajectories", 2, 2) in seen["progress"]  # the stage's own run filled shard 1

@@ -164,7 +164,8 @@ class ComputeConfig(Section):
     # every batch: the same batches, so the same LoRA up to float rounding, N cores at work. torch's threads barely
     # speed up small layers such as the toy worlds' (toy-hard's MLCD: 2 threads no faster than 1, 2 processes 2x;
     # bench/RESULTS.md). Their batch sizes must be multiples of it. Finetune stays in one process: its draws are per
-    # micro-batch, so a split would change them, for 7% of its time on toy-hard. Ignored on a GPU
+    # micro-batch, so a split would change them, for 7% of its time on toy-hard. The trajectory stages (sharded) fill
+    # their missing shards in this many local processes, each shard from its own seeds: the same pairs. Ignored on a GPU
     cpu_processes: int = Field(1, ge=1, le=64)
     # the trainers (mlcd, lcd, finetune) recompute each block's activations in the backward pass instead of keeping
     # them (diffusers' enable_gradient_checkpointing, through the teacher's family): less memory, ~1/3 more compute,

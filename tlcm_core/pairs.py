@@ -80,6 +80,11 @@ def shard_ranges(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
 ShardFn = Callable[[int, int, tuple[int, int, int]], dict[str, np.ndarray]]  # (start, stop, latent shape) -> arrays
 
 
+def shard_marker(i: int) -> str:
+    """The done marker of shard i: written once its rows are, so a restart or a second worker skips it."""
+    return f"shard-{i:05d}"
+
+
 def fill_pair_shards(cfg: PipelineConfig, art, reporter: Reporter, *, stage: str, num_samples: int,
                      shard_size: int, storage_dtype: str, shards: list[int] | None,
                      setup: Callable[[object, Conditioning, Conditioning], ShardFn],
@@ -93,7 +98,7 @@ def fill_pair_shards(cfg: PipelineConfig, art, reporter: Reporter, *, stage: str
     device = device or resolve_device(cfg.compute)
     prompts = load_prompts(cfg.trajectories.prompts)
     ranges = shard_ranges(num_samples, shard_size)
-    todo = [i for i in (shards if shards is not None else range(len(ranges))) if not art.is_done(f"shard-{i:05d}")]
+    todo = [i for i in (shards if shards is not None else range(len(ranges))) if not art.is_done(shard_marker(i))]
     total = len(ranges)
     summary = {"num_samples": num_samples, "num_shards": total, "num_prompts": len(prompts)}
     if not todo and art.is_done("text"):  # every shard is there (e.g. filled by other workers): no model needed
@@ -110,7 +115,7 @@ def fill_pair_shards(cfg: PipelineConfig, art, reporter: Reporter, *, stage: str
         start, stop = ranges[i]
         for name, values in compute(start, stop, shape).items():
             arrays[name][start:stop] = values.astype(arrays[name].dtype)
-        art.mark_done(f"shard-{i:05d}", {"start": start, "stop": stop})
+        art.mark_done(shard_marker(i), {"start": start, "stop": stop})
         done += 1
         reporter.progress(stage, done, total)
     return {**summary, "latent_shape": list(shape)}

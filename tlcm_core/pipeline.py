@@ -155,8 +155,20 @@ def execute(stage: Stage, cfg: PipelineConfig, inputs: dict, out, reporter: Repo
             shards: list[int] | None = None) -> dict:
     """Run a stage's code on its declared view of the config: data-parallel for a training stage with
     compute.num_processes (or, for MLCD and LCD on a CPU, compute.cpu_processes) above 1 (launched here, at the stage
-    boundary), else in this process."""
+    boundary), else in this process. A sharded stage's missing shards are first filled by compute.cpu_processes local
+    processes on a CPU (tlcm_core/shard_processes.py); its run in this process then fills any gap."""
+    from .models import setup_threads
+
+    setup_threads(cfg.compute)  # compute.num_threads, for this process's stages (a launched process has its share)
     view = config_view(stage, cfg)
+    if stage.sharded and shards is None:
+        from .pairs import shard_marker
+        from .shard_processes import fill_in_processes, local_processes
+
+        missing = [i for i in range(stage.num_shards(cfg)) if not out.is_done(shard_marker(i))]
+        n = local_processes(cfg, len(missing))
+        if n > 1:
+            fill_in_processes(cfg, stage.name, inputs, out, missing, n, reporter)
     if stage.trains:
         from .distributed import launch, world_size
 

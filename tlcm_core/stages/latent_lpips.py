@@ -8,7 +8,7 @@ import json
 from ..losses.latent_lpips import load_latent_lpips, save_latent_lpips
 from ..lpips_training import (WEIGHTS_FILE, _latent_mse, bapps_splits, make_pixel_distance, score_2afc,
                               train_latent_lpips_2afc, train_latent_lpips_datafree)
-from ..models import load_schedule, load_vae, resolve_device, setup_threads, vae_decoder
+from ..models import load_schedule, load_vae, resolve_device, vae_decoder
 from ..stage import Stage, StageContext
 
 
@@ -16,7 +16,6 @@ def run(ctx: StageContext) -> dict:
     """Write latent_lpips.safetensors, metrics.json (and train_log.jsonl when it trains)."""
     cfg, inputs, out_art, reporter = ctx.cfg, ctx.inputs, ctx.out, ctx.reporter
     lc = cfg.latent_lpips
-    setup_threads(cfg.compute)
     device = resolve_device(cfg.compute)
     log: list[dict] = []
     if lc.source == "file":

@@ -1,0 +1,128 @@
+"""A sharded stage's missing shards filled by several local processes on a CPU (compute.cpu_processes).
+
+The trajectory stages sample with frozen models in one process; on a CPU, torch's threads speed the toy worlds'
+small layers up little, so one process leaves the other cores idle. With compute.cpu_processes = N > 1, the stage
+boundary (tlcm_core.pipeline.execute) starts N processes, each filling a contiguous group of the missing shards with
+1/N of the cores' threads, as the deployment's shard runs do across workers, and waits for them, forwarding the
+shards' progress. The stage's own run then fills whatever a failed process left (a second chance, in this process:
+a fault that is not the process's own, such as a bad input, is then raised there as one clear error) and the stage
+commits as usual. A shard is computed from its samples' seeds alone, so the artifact equals a one-process run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from .config import PipelineConfig, validate_config
+from .errors import UserError
+
+POLL_S = 2.0
+
+
+def split_shards(n: int, runs: int) -> list[list[int]]:
+    """Shard indices 0..n-1 in contiguous, near-equal groups, one per run (never an empty group)."""
+    if n < 1 or runs < 1:
+        raise ValueError(f"need at least one shard and one run, got n={n}, runs={runs}")
+    k = min(runs, n)
+    base, extra = divmod(n, k)
+    groups, start = [], 0
+    for j in range(k):
+        size = base + (1 if j < extra else 0)
+        groups.append(list(range(start, start + size)))
+        start += size
+    return groups
+
+
+def local_processes(cfg: PipelineConfig, missing: int) -> int:
+    """How many local processes fill a sharded stage's `missing` shards: compute.cpu_processes on a CPU (at most
+    one per shard), else 1 (a GPU samples the whole batch at once; several GPUs are the deployment's shard runs)."""
+    if cfg.compute.cpu_processes < 2 or missing < 2:
+        return 1
+    from .models import resolve_device
+
+    return min(cfg.compute.cpu_processes, missing) if resolve_device(cfg.compute).type == "cpu" else 1
+
+
+def command(cfg_path: str, stage: str, out_uri: str, inputs: dict, shards: list[int]) -> list[str]:
+    cmd = [sys.executable, "-m", "tlcm_core.shard_processes", "--config", cfg_path, "--stage", stage,
+           "--out", out_uri, "--shards", ",".join(map(str, shards))]
+    for key, art in inputs.items():
+        cmd += ["--input", f"{key}={art.uri}"]
+    return cmd
+
+
+def fill_in_processes(cfg: PipelineConfig, stage: str, inputs: dict, out, missing: list[int], n: int,
+                      reporter) -> list[int]:
+    """Fill the `missing` shards of `out` in n processes and wait for them; return the exit codes. The processes
+    are killed if this one is interrupted."""
+    from .pairs import shard_marker
+
+    groups = split_shards(len(missing), n)
+    groups = [[missing[j] for j in g] for g in groups]
+    total = len(missing)
+    reporter.log(f"{stage}: {total} shards in {len(groups)} local processes (compute.cpu_processes)")
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or n) // n))}
+    with tempfile.TemporaryDirectory(prefix="tlcm-shards-") as tmp:
+        path = os.path.join(tmp, "config.json")
+        with open(path, "w") as f:
+            json.dump(cfg.model_dump(mode="json"), f)
+        procs = [subprocess.Popen(command(path, stage, out.uri, inputs, g), env=env) for g in groups]
+        try:
+            done = -1
+            while True:
+                codes = [p.poll() for p in procs]
+                now = sum(out.is_done(shard_marker(i)) for i in missing)
+                if now != done:
+                    reporter.progress(stage, now, total)
+                    done = now
+                if all(c is not None for c in codes):
+                    break
+                try:
+                    next(p for p in procs if p.poll() is None).wait(timeout=POLL_S)
+                except (subprocess.TimeoutExpired, StopIteration):
+                    pass
+        except BaseException:
+            for p in procs:
+                p.kill()
+            for p in procs:
+                p.wait()
+            raise
+    for g, p in zip(groups, procs):
+        if p.returncode != 0:
+            reporter.log(f"{stage}: the process for shards {g[0]}..{g[-1]} exited with code {p.returncode} (its "
+                         "log is above); what it left is computed in this process")
+    return [p.returncode for p in procs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .progress import SilentReporter
+    from .stage import StageContext, config_view
+    from .stages import REGISTRY
+    from .store import ArtifactStore
+
+    ap = argparse.ArgumentParser(description="fill some shards of a sharded stage's artifact (no commit)")
+    for a in ("--config", "--stage", "--out", "--shards"):
+        ap.add_argument(a, required=True)
+    ap.add_argument("--input", action="append", default=[], help="NAME=URI of an input artifact (repeatable)")
+    args = ap.parse_args(argv)
+    with open(args.config) as f:
+        cfg = validate_config(json.load(f), source=args.config)
+    store = ArtifactStore(cfg.store.url, cfg.store.storage_options or None)
+    inputs = {k: store.open_uri(v) for k, v in (item.split("=", 1) for item in args.input)}
+    stage = REGISTRY[args.stage]
+    shards = [int(s) for s in args.shards.split(",")]
+    try:
+        stage.run(StageContext(config_view(stage, cfg), inputs, store.open_uri(args.out), SilentReporter(), shards))
+    except UserError as e:  # one line: the launching process computes what is left and reports the error itself
+        print(f"error: {args.stage} shards {args.shards}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
