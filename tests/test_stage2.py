@@ -86,6 +86,24 @@ def test_lcd_stages_end_to_end(tmp_path):
     a = store.artifact("mlcd", res[1].fingerprint).load_tensors("lora.safetensors")
     b = store.artifact("lcd", res[3].fingerprint).load_tensors("lora.safetensors")
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    # lcd-trajectories again in two local processes (compute.cpu_processes=2; the MLCD LoRA passed to them as an
+    # input), into another artifact: the same pairs
+    from tlcm_core.pipeline import execute, stage_inputs
+    from tlcm_core.stages import REGISTRY
+
+    two = cfg.model_copy(update={"compute": cfg.compute.model_copy(update={"cpu_processes": 2})})
+    again = store.artifact("lcd-trajectories", "f" * 16)
+    logs = []
+
+    class Logs(SilentReporter):
+        def log(self, message):
+            logs.append(message)
+
+    execute(REGISTRY["lcd-trajectories"], two, stage_inputs(cfg, store, "lcd-trajectories"), again, Logs())
+    assert any("3 shards in 2 local processes" in m for m in logs), logs
+    assert again.done_markers() >= {"shard-00000", "shard-00001", "shard-00002"}
+    for name in ("x_hi", "x_lo", "t_hi", "t_lo", "prompt_idx"):
+        assert np.array_equal(again.open_array(name)[...], pairs.open_array(name)[...]), name
 
 
 def test_lcd_compared_after_the_jump_weighs_each_milestone_as_the_sampler_sees_it():
