@@ -75,9 +75,11 @@ def bench_sampling(args, base: list[str]) -> None:
         ref = x_lo if ref is None else ref
         rows.append({"setting": name, "stage wall, s": wall, "speed-up": rows[0]["stage wall, s"] / wall if rows
                      else 1.0, "max |x_lo - 1 process|": float(abs(x_lo - ref).max())})
+    from tlcm_core.models import cpu_dtype_name
+
     cfg = load_config("toy-hard", base)
     report(f"A sampling stage on a CPU: threads against local processes (toy-hard teacher-trajectories, "
-           f"{args.samples} samples in shards of {cfg.trajectories.shard_size}, {cfg.compute.cpu_dtype} weights)",
+           f"{args.samples} samples in shards of {cfg.trajectories.shard_size}, {cpu_dtype_name(cfg.compute)} weights)",
            rows, notes=f"cpu count {os.cpu_count()}; torch {torch.__version__}; the stage's wall time includes "
                        "loading the teacher (in each process) and encoding the prompts")
 

@@ -39,7 +39,7 @@ def versions() -> str:
 
 def table(rows: list[dict], columns: list[str] | None = None) -> str:
     columns = columns or list(rows[0])
-    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    out = ["| " + " | ".join(map(_fmt, columns)) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         out.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
     return "\n".join(out)
@@ -48,7 +48,7 @@ def table(rows: list[dict], columns: list[str] | None = None) -> str:
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
-    return str(v)
+    return str(v).replace("|", "\\|")  # a cell's own bar (|x|) must not end the cell
 
 
 def timed(fn, repeats: int) -> float:
