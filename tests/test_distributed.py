@@ -121,8 +121,9 @@ def test_cpu_processes_split_every_batch_and_train_the_same_lora(tmp_path):
     build_toy_pipeline(seed=3).save_pretrained(teacher)
     common = [o for o in _overrides(teacher, tmp_path) if not o.startswith("compute.num_processes")]
     split = load_config("toy-fast", common + ["compute.cpu_processes=2"])
+    run_pipeline(load_config("toy-fast", common), stages=["teacher-trajectories"], reporter=SilentReporter())
     reporter = _Published()
-    _, mlcd = run_pipeline(split, stages=["teacher-trajectories", "mlcd"], reporter=reporter)
+    (mlcd,) = run_pipeline(split, stages=["mlcd"], reporter=reporter)  # the pairs: a cache hit
     assert mlcd.summary["num_processes"] == 2 and not mlcd.cached
     progress = [i[2] for i in reporter.items if i[0] == "progress" and i[1] == "mlcd"]  # not teacher-trajectories
     assert progress and progress[-1] == (4, 4) and progress == sorted(progress)  # rank 0's, forwarded

@@ -100,7 +100,7 @@ def test_lcd_stages_end_to_end(tmp_path):
             logs.append(message)
 
     execute(REGISTRY["lcd-trajectories"], two, stage_inputs(cfg, store, "lcd-trajectories"), again, Logs())
-    assert any("3 shards in 2 local processes" in m for m in logs), logs
+    assert any("3 shards in 2 local processes" in m for m in logs) and not any("exited" in m for m in logs), logs
     assert again.done_markers() >= {"shard-00000", "shard-00001", "shard-00002"}
     for name in ("x_hi", "x_lo", "t_hi", "t_lo", "prompt_idx"):
         assert np.array_equal(again.open_array(name)[...], pairs.open_array(name)[...]), name

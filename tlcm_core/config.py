@@ -161,11 +161,11 @@ class ComputeConfig(Section):
     # own batch of the trainer's batch_size
     num_processes: int = Field(1, ge=1, le=64)
     # training on a CPU with num_processes 1: MLCD and LCD run data-parallel in this many processes, each with 1/N of
-    # every batch: the same batches, so the same LoRA up to float rounding, N cores at work. torch's threads barely
-    # speed up small layers such as the toy worlds' (toy-hard's MLCD: 2 threads no faster than 1, 2 processes 2x;
-    # bench/RESULTS.md). Their batch sizes must be multiples of it. Finetune stays in one process: its draws are per
-    # micro-batch, so a split would change them, for 7% of its time on toy-hard. The trajectory stages (sharded) fill
-    # their missing shards in this many local processes, each shard from its own seeds: the same pairs. Ignored on a GPU
+    # every batch: the same batches, so the same LoRA up to float rounding, N cores at work. torch's threads speed up
+    # small layers such as the toy worlds' less (toy-hard's MLCD on 2-core CPUs: 2 threads 1.0-1.36x, 2 processes
+    # 1.55-1.75x; bench/RESULTS.md). Their batch sizes must be multiples of it. Finetune stays in one process: its
+    # draws are per micro-batch, so a split would change them. The trajectory stages (sharded) fill their missing
+    # shards in this many local processes, each shard from its own seeds: the same pairs. Ignored on a GPU
     cpu_processes: int = Field(1, ge=1, le=64)
     # the trainers (mlcd, lcd, finetune) recompute each block's activations in the backward pass instead of keeping
     # them (diffusers' enable_gradient_checkpointing, through the teacher's family): less memory, ~1/3 more compute,

@@ -161,14 +161,15 @@ def execute(stage: Stage, cfg: PipelineConfig, inputs: dict, out, reporter: Repo
 
     setup_threads(cfg.compute)  # compute.num_threads, for this process's stages (a launched process has its share)
     view = config_view(stage, cfg)
-    if stage.sharded and shards is None:
+    if stage.sharded and shards is None and cfg.compute.cpu_processes > 1:
         from .pairs import shard_marker
         from .shard_processes import fill_in_processes, local_processes
 
-        missing = [i for i in range(stage.num_shards(cfg)) if not out.is_done(shard_marker(i))]
+        total = stage.num_shards(cfg)
+        missing = [i for i in range(total) if not out.is_done(shard_marker(i))]
         n = local_processes(cfg, len(missing))
         if n > 1:
-            fill_in_processes(cfg, stage.name, inputs, out, missing, n, reporter)
+            fill_in_processes(cfg, stage.name, inputs, out, missing, total, n, reporter)
     if stage.trains:
         from .distributed import launch, world_size
 

@@ -1,7 +1,9 @@
 """A sharded stage's missing shards filled by several local processes on a CPU (compute.cpu_processes).
 
-The trajectory stages sample with frozen models in one process; on a CPU, torch's threads speed the toy worlds'
-small layers up little, so one process leaves the other cores idle. With compute.cpu_processes = N > 1, the stage
+The trajectory stages sample with frozen models, shard by shard. On a CPU, torch's threads help as far as the layers
+are large enough and the other cores idle (two threads sample toy-hard 1.6x as fast as one on an idle 2-core CPU,
+and a busy machine slows threads down many times); processes use each core whatever the layers' sizes, and the
+shards are independent of each other. With compute.cpu_processes = N > 1, the stage
 boundary (tlcm_core.pipeline.execute) starts N processes, each filling a contiguous group of the missing shards with
 1/N of the cores' threads, as the deployment's shard runs do across workers, and waits for them, forwarding the
 shards' progress. The stage's own run then fills whatever a failed process left (a second chance, in this process:
@@ -56,29 +58,29 @@ def command(cfg_path: str, stage: str, out_uri: str, inputs: dict, shards: list[
     return cmd
 
 
-def fill_in_processes(cfg: PipelineConfig, stage: str, inputs: dict, out, missing: list[int], n: int,
-                      reporter) -> list[int]:
-    """Fill the `missing` shards of `out` in n processes and wait for them; return the exit codes. The processes
-    are killed if this one is interrupted."""
+def fill_in_processes(cfg: PipelineConfig, stage: str, inputs: dict, out, missing: list[int], num_shards: int,
+                      n: int, reporter) -> list[int]:
+    """Fill the `missing` shards (of `num_shards`) of `out` in n processes and wait for them, reporting the done
+    shards of all as progress; return the exit codes. The processes are killed if this one is interrupted."""
     from .pairs import shard_marker
 
-    groups = split_shards(len(missing), n)
-    groups = [[missing[j] for j in g] for g in groups]
-    total = len(missing)
-    reporter.log(f"{stage}: {total} shards in {len(groups)} local processes (compute.cpu_processes)")
+    groups = [[missing[j] for j in g] for g in split_shards(len(missing), n)]
+    reporter.log(f"{stage}: {len(missing)} shards in {len(groups)} local processes (compute.cpu_processes)")
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or n) // n))}
     with tempfile.TemporaryDirectory(prefix="tlcm-shards-") as tmp:
         path = os.path.join(tmp, "config.json")
         with open(path, "w") as f:
             json.dump(cfg.model_dump(mode="json"), f)
-        procs = [subprocess.Popen(command(path, stage, out.uri, inputs, g), env=env) for g in groups]
+        procs: list[subprocess.Popen] = []
         try:
+            for g in groups:
+                procs.append(subprocess.Popen(command(path, stage, out.uri, inputs, g), env=env))
             done = -1
             while True:
                 codes = [p.poll() for p in procs]
-                now = sum(out.is_done(shard_marker(i)) for i in missing)
+                now = num_shards - len(missing) + sum(out.is_done(shard_marker(i)) for i in missing)
                 if now != done:
-                    reporter.progress(stage, now, total)
+                    reporter.progress(stage, now, num_shards)
                     done = now
                 if all(c is not None for c in codes):
                     break
