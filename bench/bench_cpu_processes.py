@@ -83,5 +83,6 @@ def bench_sampling(args, base: list[str]) -> None:
            rows, notes=f"cpu count {os.cpu_count()}; torch {torch.__version__}; the stage's wall time includes "
                        "loading the teacher (in each process) and encoding the prompts")
 
+
 if __name__ == "__main__":
     main()

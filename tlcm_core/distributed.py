@@ -40,17 +40,55 @@ def launch_command(n: int, port: int) -> list[str]:
             "--main_process_port", str(port), "-m", "tlcm_core.distributed"]
 
 
+def cpu_processes(compute) -> int:
+    """compute.cpu_processes when the stages run on a CPU, else 1 (a GPU's work is not shared among local
+    processes; several GPUs are compute.num_processes or the deployment's shard runs)."""
+    if compute.cpu_processes < 2:
+        return 1
+    from .models import resolve_device
+
+    return compute.cpu_processes if resolve_device(compute).type == "cpu" else 1
+
+
 def world_size(compute, splits_on_cpu: bool = True) -> int:
     """The data-parallel processes of a training stage: compute.num_processes; or, for a stage that `splits_on_cpu`
     (MLCD, LCD) training on a CPU with that at 1, compute.cpu_processes (each with 1/N of every batch)."""
     if compute.num_processes > 1:
         return compute.num_processes
-    if splits_on_cpu and compute.cpu_processes > 1:
-        from .models import resolve_device
+    return cpu_processes(compute) if splits_on_cpu else 1
 
-        if resolve_device(compute).type == "cpu":
-            return compute.cpu_processes
-    return 1
+
+def child_args(tmp: str, cfg: PipelineConfig, stage: str, out, inputs: dict) -> list[str]:
+    """A stage's child process's arguments (`parse_child_args` reads them): `cfg` as JSON in the directory `tmp`,
+    the stage, and the URIs of its output and input artifacts."""
+    path = os.path.join(tmp, "config.json")
+    with open(path, "w") as f:
+        json.dump(cfg.model_dump(mode="json"), f)
+    args = ["--config", path, "--stage", stage, "--out", out.uri]
+    for key, art in inputs.items():
+        args += ["--input", f"{key}={art.uri}"]
+    return args
+
+
+def cores_shared(env: dict, n: int) -> dict:
+    """`env` for one of n processes sharing this machine's cores: 1/n of them as its threads, so that together
+    they do not oversubscribe the CPU."""
+    return {**env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or n) // n))}
+
+
+def parse_child_args(ap: argparse.ArgumentParser, argv: list[str] | None):
+    """Parse `child_args` (plus `ap`'s own options) and open them: (args, config, output artifact, inputs)."""
+    from .store import ArtifactStore
+
+    for a in ("--config", "--stage", "--out"):
+        ap.add_argument(a, required=True)
+    ap.add_argument("--input", action="append", default=[], help="NAME=URI of an input artifact (repeatable)")
+    args = ap.parse_args(argv)
+    with open(args.config) as f:
+        cfg = validate_config(json.load(f), source=args.config)
+    store = ArtifactStore(cfg.store.url, cfg.store.storage_options or None)
+    inputs = {k: store.open_uri(v) for k, v in (item.split("=", 1) for item in args.input)}
+    return args, cfg, store.open_uri(args.out), inputs
 
 
 def split_batches(cfg: PipelineConfig, n: int) -> PipelineConfig:
@@ -123,17 +161,11 @@ def launch(cfg: PipelineConfig, stage: str, inputs: dict, out, n: int, reporter=
     and publish its loss table and curves through `reporter`."""
     child = cfg if cfg.compute.num_processes > 1 else split_batches(cfg, n)
     with tempfile.TemporaryDirectory(prefix="tlcm-launch-") as tmp:
-        path = os.path.join(tmp, "config.json")
-        with open(path, "w") as f:
-            json.dump(child.model_dump(mode="json"), f)
         launch_id = uuid.uuid4().hex
-        cmd = launch_command(n, _free_port()) + ["--config", path, "--stage", stage, "--out", out.uri,
-                                                 "--launch-id", launch_id]
-        for key, art in inputs.items():
-            cmd += ["--input", f"{key}={art.uri}"]
+        cmd = launch_command(n, _free_port()) + child_args(tmp, child, stage, out, inputs) + ["--launch-id", launch_id]
         env = {**os.environ, "TLCM_DISTRIBUTED_CHILD": "1"}
-        if child is not cfg:  # a CPU's cores shared out: no process oversubscribes them with its threads
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or n) // n))
+        if child is not cfg:  # a CPU's cores shared out
+            env = cores_shared(env, n)
         rc = _run_forwarding(cmd, env, out, stage, reporter, launch_id)
         if rc != 0:
             raise DistributedTrainingError(
@@ -154,19 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     from .models import resolve_device
     from .stage import StageContext, config_view
     from .stages import REGISTRY
-    from .store import ArtifactStore
 
-    ap = argparse.ArgumentParser()
-    for a in ("--config", "--stage", "--out"):
-        ap.add_argument(a, required=True)
-    ap.add_argument("--input", action="append", default=[], help="NAME=URI of an input artifact (repeatable)")
+    ap = argparse.ArgumentParser(description="one process of a data-parallel training stage")
     ap.add_argument("--launch-id", default="", help="tags rank 0's progress file for the launching process")
-    args = ap.parse_args(argv)
-    with open(args.config) as f:
-        cfg = validate_config(json.load(f), source=args.config)
-    store = ArtifactStore(cfg.store.url, cfg.store.storage_options or None)
-    inputs = {k: store.open_uri(v) for k, v in (item.split("=", 1) for item in args.input)}
-    out = store.open_uri(args.out)
+    args, cfg, out, inputs = parse_child_args(ap, argv)
     acc = Accelerator(cpu=resolve_device(cfg.compute).type == "cpu")
     stage = REGISTRY[args.stage]
     reporter = _progress_reporter(out, args.stage, acc.is_main_process, args.launch_id)

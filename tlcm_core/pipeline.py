@@ -161,18 +161,18 @@ def execute(stage: Stage, cfg: PipelineConfig, inputs: dict, out, reporter: Repo
 
     setup_threads(cfg.compute)  # compute.num_threads, for this process's stages (a launched process has its share)
     view = config_view(stage, cfg)
-    if stage.sharded and shards is None and cfg.compute.cpu_processes > 1:
+    from .distributed import cpu_processes, launch, world_size
+
+    if stage.sharded and shards is None and cpu_processes(cfg.compute) > 1:
         from .pairs import shard_marker
-        from .shard_processes import fill_in_processes, local_processes
+        from .shard_processes import fill_in_processes
 
         total = stage.num_shards(cfg)
         missing = [i for i in range(total) if not out.is_done(shard_marker(i))]
-        n = local_processes(cfg, len(missing))
-        if n > 1:
+        if len(missing) > 1:  # at most one process per shard
+            n = min(cpu_processes(cfg.compute), len(missing))
             fill_in_processes(cfg, stage.name, inputs, out, missing, total, n, reporter)
     if stage.trains:
-        from .distributed import launch, world_size
-
         n = world_size(view.compute, stage.splits_on_cpu)
         if n > 1:
             return launch(cfg, stage.name, inputs, out, n, reporter)

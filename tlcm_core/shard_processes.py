@@ -14,13 +14,13 @@ commits as usual. A shard is computed from its samples' seeds alone, so the arti
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 
-from .config import PipelineConfig, validate_config
+from .config import PipelineConfig
+from .distributed import child_args, cores_shared, parse_child_args
 from .errors import UserError
 
 POLL_S = 2.0
@@ -40,22 +40,9 @@ def split_shards(n: int, runs: int) -> list[list[int]]:
     return groups
 
 
-def local_processes(cfg: PipelineConfig, missing: int) -> int:
-    """How many local processes fill a sharded stage's `missing` shards: compute.cpu_processes on a CPU (at most
-    one per shard), else 1 (a GPU samples the whole batch at once; several GPUs are the deployment's shard runs)."""
-    if cfg.compute.cpu_processes < 2 or missing < 2:
-        return 1
-    from .models import resolve_device
-
-    return min(cfg.compute.cpu_processes, missing) if resolve_device(cfg.compute).type == "cpu" else 1
-
-
-def command(cfg_path: str, stage: str, out_uri: str, inputs: dict, shards: list[int]) -> list[str]:
-    cmd = [sys.executable, "-m", "tlcm_core.shard_processes", "--config", cfg_path, "--stage", stage,
-           "--out", out_uri, "--shards", ",".join(map(str, shards))]
-    for key, art in inputs.items():
-        cmd += ["--input", f"{key}={art.uri}"]
-    return cmd
+def command(tmp: str, cfg: PipelineConfig, stage: str, out, inputs: dict, shards: list[int]) -> list[str]:
+    return ([sys.executable, "-m", "tlcm_core.shard_processes"] + child_args(tmp, cfg, stage, out, inputs)
+            + ["--shards", ",".join(map(str, shards))])
 
 
 def fill_in_processes(cfg: PipelineConfig, stage: str, inputs: dict, out, missing: list[int], num_shards: int,
@@ -66,15 +53,12 @@ def fill_in_processes(cfg: PipelineConfig, stage: str, inputs: dict, out, missin
 
     groups = [[missing[j] for j in g] for g in split_shards(len(missing), n)]
     reporter.log(f"{stage}: {len(missing)} shards in {len(groups)} local processes (compute.cpu_processes)")
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or n) // n))}
+    env = cores_shared(os.environ, n)
     with tempfile.TemporaryDirectory(prefix="tlcm-shards-") as tmp:
-        path = os.path.join(tmp, "config.json")
-        with open(path, "w") as f:
-            json.dump(cfg.model_dump(mode="json"), f)
         procs: list[subprocess.Popen] = []
         try:
             for g in groups:
-                procs.append(subprocess.Popen(command(path, stage, out.uri, inputs, g), env=env))
+                procs.append(subprocess.Popen(command(tmp, cfg, stage, out, inputs, g), env=env))
             done = -1
             while True:
                 codes = [p.poll() for p in procs]
@@ -105,21 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     from .progress import SilentReporter
     from .stage import StageContext, config_view
     from .stages import REGISTRY
-    from .store import ArtifactStore
 
     ap = argparse.ArgumentParser(description="fill some shards of a sharded stage's artifact (no commit)")
-    for a in ("--config", "--stage", "--out", "--shards"):
-        ap.add_argument(a, required=True)
-    ap.add_argument("--input", action="append", default=[], help="NAME=URI of an input artifact (repeatable)")
-    args = ap.parse_args(argv)
-    with open(args.config) as f:
-        cfg = validate_config(json.load(f), source=args.config)
-    store = ArtifactStore(cfg.store.url, cfg.store.storage_options or None)
-    inputs = {k: store.open_uri(v) for k, v in (item.split("=", 1) for item in args.input)}
+    ap.add_argument("--shards", required=True, help="comma-separated shard indices")
+    args, cfg, out, inputs = parse_child_args(ap, argv)
     stage = REGISTRY[args.stage]
     shards = [int(s) for s in args.shards.split(",")]
     try:
-        stage.run(StageContext(config_view(stage, cfg), inputs, store.open_uri(args.out), SilentReporter(), shards))
+        stage.run(StageContext(config_view(stage, cfg), inputs, out, SilentReporter(), shards))
     except UserError as e:  # one line: the launching process computes what is left and reports the error itself
         print(f"error: {args.stage} shards {args.shards}: {e}", file=sys.stderr)
         return 2
