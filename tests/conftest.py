@@ -23,6 +23,7 @@ try:
 except ImportError:  # pragma: no cover - torch is a hard dependency; keep conftest importable anyway
     pass
 
+from tlcm_core.progress import SilentReporter
 from tlcm_core.store import ArtifactStore
 
 # Dummy credentials; the secret is distinctive so tests can assert that it never leaks.
@@ -116,6 +117,39 @@ class MotoEndpoint:
         fs = fsspec.filesystem("s3", skip_instance_cache=True, **self.storage_options)
         fs.mkdir(name)
         return name
+
+
+class RecordingReporter(SilentReporter):
+    """Keeps, in order, what the code under test reported: ("log", message), ("progress", key, done, total),
+    ("table", key, rows) and ("image", key, png)."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[tuple] = []
+
+    def log(self, message):
+        self.events.append(("log", message))
+
+    def progress(self, key, done, total, **metrics):
+        self.events.append(("progress", key, done, total))
+
+    def table(self, key, rows, description=""):
+        self.events.append(("table", key, rows))
+
+    def image(self, key, png, description=""):
+        self.events.append(("image", key, png))
+
+    @property
+    def logs(self) -> list[str]:
+        return [e[1] for e in self.events if e[0] == "log"]
+
+    @property
+    def published(self) -> list[tuple]:
+        """The tables and images, in order."""
+        return [e for e in self.events if e[0] in ("table", "image")]
+
+    def progress_of(self, key: str) -> list[tuple[int, int]]:
+        return [(e[2], e[3]) for e in self.events if e[0] == "progress" and e[1] == key]
 
 
 @pytest.fixture(scope="session")

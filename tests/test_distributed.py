@@ -3,6 +3,7 @@
 import json
 
 import torch
+from conftest import RecordingReporter
 
 from tlcm_core.config import load_config
 from tlcm_core.pipeline import open_store, run_pipeline
@@ -96,21 +97,6 @@ def test_grad_sync_buckets_every_gradient_and_puts_each_back_in_place(tmp_path, 
         dist.destroy_process_group()
 
 
-class _Published(SilentReporter):
-    def __init__(self):
-        super().__init__()
-        self.items = []
-
-    def table(self, key, rows, description=""):
-        self.items.append(("table", key, len(rows)))
-
-    def image(self, key, png, description=""):
-        self.items.append(("image", key, png[:8]))
-
-    def progress(self, key, done, total, **metrics):
-        self.items.append(("progress", key, (done, total)))
-
-
 def test_cpu_processes_split_every_batch_and_train_the_same_lora(tmp_path):
     """compute.cpu_processes=2 on a CPU: MLCD runs in 2 processes, each with half of every batch, and makes the
     one-process LoRA (the same batches, gradients averaged); the launching process publishes the loss table and
@@ -122,14 +108,14 @@ def test_cpu_processes_split_every_batch_and_train_the_same_lora(tmp_path):
     common = [o for o in _overrides(teacher, tmp_path) if not o.startswith("compute.num_processes")]
     split = load_config("toy-fast", common + ["compute.cpu_processes=2"])
     run_pipeline(load_config("toy-fast", common), stages=["teacher-trajectories"], reporter=SilentReporter())
-    reporter = _Published()
+    reporter = RecordingReporter()
     (mlcd,) = run_pipeline(split, stages=["mlcd"], reporter=reporter)  # the pairs: a cache hit
     assert mlcd.summary["num_processes"] == 2 and not mlcd.cached
-    progress = [i[2] for i in reporter.items if i[0] == "progress" and i[1] == "mlcd"]  # not teacher-trajectories
+    progress = reporter.progress_of("mlcd")
     assert progress and progress[-1] == (4, 4) and progress == sorted(progress)  # rank 0's, forwarded
-    published = [i for i in reporter.items if i[0] != "progress"]
+    published = reporter.published
     assert [i[:2] for i in published] == [("table", "mlcd-loss"), ("image", "mlcd-loss-curve")]
-    assert published[0][2] == 2 and published[1][2] == b"\x89PNG\r\n\x1a\n"
+    assert len(published[0][2]) == 2 and published[1][2][:8] == b"\x89PNG\r\n\x1a\n"
     (single,) = run_pipeline(load_config("toy-fast", common), stages=["mlcd"], reporter=SilentReporter())
     assert single.fingerprint != mlcd.fingerprint and not single.cached  # the split is part of the recipe's record
     one = open_store(split).artifact("mlcd", single.fingerprint).load_tensors("lora.safetensors")
@@ -168,9 +154,9 @@ def test_progress_forwarding_skips_an_earlier_launchs_file_and_a_half_written_on
 
     out = ArtifactStore(str(tmp_path)).artifact("mlcd", "e" * 16)
     _progress_reporter(out, "mlcd", True, "old").progress("mlcd", 300, 600, loss=0.5)
-    reporter = _Published()
+    reporter = RecordingReporter()
     last = _forward_progress(out, "mlcd", reporter, None, "new")
-    assert last is None and reporter.items == []
+    assert last is None and reporter.events == []
     _progress_reporter(out, "mlcd", False, "new").progress("mlcd", 250, 600)  # rank 1 writes nothing
     assert _forward_progress(out, "mlcd", reporter, last, "new") is None
     _progress_reporter(out, "mlcd", True, "new").progress("mlcd", 200, 600, loss=0.25)
@@ -178,4 +164,4 @@ def test_progress_forwarding_skips_an_earlier_launchs_file_and_a_half_written_on
     last = _forward_progress(out, "mlcd", reporter, last, "new")  # unchanged: not forwarded again
     out.write_bytes(PROGRESS.format(stage="mlcd"), b'{"launch": "new", "key": "ml')  # caught mid-write
     assert _forward_progress(out, "mlcd", reporter, last, "new") == last
-    assert reporter.items == [("progress", "mlcd", (200, 600))]
+    assert reporter.events == [("progress", "mlcd", 200, 600)]

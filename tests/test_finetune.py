@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import RecordingReporter
 
 from tlcm_core.config import LoRAConfig, TeacherConfig, load_config
 from tlcm_core.stages.finetune import (FAKE, DiscriminatorHeads, discriminate, dmd_gradient, dmd_loss, fake_score_backward,
@@ -448,15 +449,6 @@ def test_two_phases_run_in_order_each_with_its_own_terms(two_phases):
     assert fake_b and all(not ends[1][k].any() for k in fake_b) and any(ends[2][k].any() for k in fake_b)
 
 
-class Recorder(SilentReporter):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def progress(self, key, done, total, **metrics):
-        self.calls.append((key, done))
-
-
 @pytest.mark.parametrize("stop, resumed", [(1, 0), (3, 2)])  # before phase 2's first checkpoint, after it
 def test_a_run_interrupted_in_phase_2_resumes_there_to_the_same_lora(two_phases, tiny_dir, tmp_path, stop, resumed):
     cfg = _ft_config(tiny_dir, tmp_path, TWO_PHASES)
@@ -466,11 +458,11 @@ def test_a_run_interrupted_in_phase_2_resumes_there_to_the_same_lora(two_phases,
     assert art.read_json("checkpoints/phase-1/latest.json")["step"] == 2  # phase 1 finished and recorded
     p2 = "checkpoints/phase-2/latest.json"
     assert (art.read_json(p2)["step"] if art.exists_file(p2) else 0) == resumed
-    rec = Recorder()
+    rec = RecordingReporter()
     ft = run_pipeline(cfg, reporter=rec)[2]
     # phase 1 is restored at its end, not trained again; phase 2 goes on from its checkpoint (or its start)
-    assert [c for c in rec.calls if c[0] == "finetune-phase-1"] == [("finetune-phase-1", 2)]
-    assert [c[1] for c in rec.calls if c[0] == "finetune-phase-2"] == list(range(resumed, 5))
+    assert [done for done, _ in rec.progress_of("finetune-phase-1")] == [2]
+    assert [done for done, _ in rec.progress_of("finetune-phase-2")] == list(range(resumed, 5))
     assert [p["resumed_from_step"] for p in ft.summary["phases"]] == [2, resumed]
     assert ft.summary["resumed_from_step"] == 2 + resumed
     assert [r["step"] for r in _log(_finetune_art(cfg, ft))] == [1, 2, 3, 4, 5, 6]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import RecordingReporter
 
 from tlcm_core.config import load_config
 from tlcm_core.models import Denoiser, encode_prompts, load_pipeline
@@ -246,26 +247,18 @@ def test_cpu_processes_fill_a_sharded_stage_in_local_processes(tiny_teacher, tmp
 
     def run(name, *extra):
         cfg = tiny_config(tiny_teacher, str(tmp_path / name), "trajectories.num_samples=32", *extra)
-        seen = {"log": [], "progress": []}
-
-        class Recorder(SilentReporter):
-            def log(self, message):
-                seen["log"].append(message)
-
-            def progress(self, key, done, total, **metrics):
-                seen["progress"].append((key, done, total))
-
-        (res,) = run_pipeline(cfg, stages=["teacher-trajectories"], reporter=Recorder())
+        seen = RecordingReporter()
+        (res,) = run_pipeline(cfg, stages=["teacher-trajectories"], reporter=seen)
         m = open_store(cfg).artifact("teacher-trajectories", res.fingerprint).manifest(verify="checksum")
         return {k: v.sha256 for k, v in m.files.items()}, seen
 
     ref, _ = run("one")
     real = shard_processes.command
-    monkeypatch.setattr(shard_processes, "command", lambda cfg_path, stage, out, inputs, shards: (
-        [sys.executable, "-c", "raise SystemExit(3)"] if shards == [1] else real(cfg_path, stage, out, inputs, shards)))
+    monkeypatch.setattr(shard_processes, "command", lambda *args: (  # args end with the process's shards
+        [sys.executable, "-c", "raise SystemExit(3)"] if args[-1] == [1] else real(*args)))
     failed, seen = run("failed", "compute.cpu_processes=2")
     assert failed == ref
-    assert any("2 shards in 2 local processes" in m for m in seen["log"])
-    assert any("shards 1..1 exited with code 3" in m for m in seen["log"])
-    assert ("teacher-trajectories", 1, 2) in seen["progress"]  # shard 0, from its process
-    assert seen["progress"][-1] == ("teacher-trajectories", 2, 2)  # shard 1, from the stage's own run
+    assert any("2 shards in 2 local processes" in m for m in seen.logs)
+    assert any("shards 1..1 exited with code 3" in m for m in seen.logs)
+    assert (1, 2) in seen.progress_of("teacher-trajectories")  # shard 0, from its process
+    assert seen.progress_of("teacher-trajectories")[-1] == (2, 2)  # shard 1, from the stage's own run

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import torch
+from conftest import RecordingReporter
 
 from tlcm_core.config import load_config
 from tlcm_core.samplers import student_clean_latents, teacher_solver
@@ -93,13 +94,9 @@ def test_lcd_stages_end_to_end(tmp_path):
 
     two = cfg.model_copy(update={"compute": cfg.compute.model_copy(update={"cpu_processes": 2})})
     again = store.artifact("lcd-trajectories", "f" * 16)
-    logs = []
-
-    class Logs(SilentReporter):
-        def log(self, message):
-            logs.append(message)
-
-    execute(REGISTRY["lcd-trajectories"], two, stage_inputs(cfg, store, "lcd-trajectories"), again, Logs())
+    rec = RecordingReporter()
+    execute(REGISTRY["lcd-trajectories"], two, stage_inputs(cfg, store, "lcd-trajectories"), again, rec)
+    logs = rec.logs
     assert any("3 shards in 2 local processes" in m for m in logs) and not any("exited" in m for m in logs), logs
     assert again.done_markers() >= {"shard-00000", "shard-00001", "shard-00002"}
     for name in ("x_hi", "x_lo", "t_hi", "t_lo", "prompt_idx"):
