@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import tlcm_core, prefect, diffusers, moto, lpips, open_clip, torchmetrics, torch_fidelity" 2>/dev/null; then
+if ! .venv/bin/python -c "import tlcm_core, prefect, diffusers, moto, xdist, lpips, open_clip, torchmetrics, torch_fidelity" 2>/dev/null; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first, pinned (requirements/torch-cpu.txt): the pair that installs from local disk here, no CUDA download
   .venv/bin/python -m pip install -q -r requirements/torch-cpu.txt
