@@ -171,6 +171,13 @@ class ComputeConfig(Section):
     # them (diffusers' enable_gradient_checkpointing, through the teacher's family): less memory, ~1/3 more compute,
     # the same weights (bookkeeping: not in any fingerprint). FLUX.1-dev at 1024 px needs it (bench/RESULTS.md)
     gradient_checkpointing: bool = False
+    # how a LoRA layer computes while a stage trains or samples with it (tlcm_core/lora.py, set_lora_forward):
+    # "separate" is PEFT's (the base op, then the rank-r A and B ops on the input); "merged" is one op on the adapted
+    # weight W + B A * alpha / r: the same function up to float rounding, without the A and B ops but with the
+    # weight's full-size gradient. Merged is the faster where the rank is near the layers' width (toy-hard's MLCD
+    # step 1.8x on a CPU: rank 64 on 32-128 channels); separate where it is far below (SDXL: rank 64 on 320-1280
+    # channels, and a full-size copy of each adapted weight kept for the backward pass)
+    lora_forward: Literal["separate", "merged"] = "separate"
 
     @field_validator("device")
     @classmethod

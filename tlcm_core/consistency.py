@@ -16,7 +16,7 @@ import torch
 from .config import TrainerConfig
 from .families import family_of
 from .losses import consistency_loss, make_distance
-from .lora import ADAPTER, attach_lora, load_lora_into, lora_metadata, lora_state_dict, read_lora
+from .lora import ADAPTER, attach_lora, load_lora_into, lora_metadata, lora_state_dict, read_lora, set_lora_forward
 from .models import Denoiser, load_schedule, load_unet, resolve_device, teacher_identity
 from .pairs import Batch, PairBatches
 from .schedule import ddim
@@ -47,6 +47,7 @@ def student_unet(ctx: StageContext, device: torch.device, init_input: str | None
         load_lora_into(unet, init.state, cfg.lora)
     else:
         attach_lora(unet, cfg.lora)
+    set_lora_forward(unet, cfg.compute.lora_forward)
     if cfg.compute.gradient_checkpointing:
         family_of(unet).enable_gradient_checkpointing(unet)
     unet.train()

@@ -113,9 +113,9 @@ DERIVED = ("teacher", "trajectories.prompts", "lora.target_modules", "compute.cp
 
 # Fields added after artifacts were made without them: hashed only when set away from their default (which must be
 # the behaviour from before the field), so adding a field keeps every fingerprint a config at its default had.
-HASHED_UNLESS_DEFAULT = ("compute.cpu_dtype", "compute.cpu_processes", "mlcd.ema_decay", "lcd.ema_decay",
-                         "finetune.ema_decay", "finetune.regression_weight", "finetune.regression_pairs",
-                         "finetune.regression_steps", "evaluate.teacher_guidance")
+HASHED_UNLESS_DEFAULT = ("compute.cpu_dtype", "compute.cpu_processes", "compute.lora_forward", "mlcd.ema_decay",
+                         "lcd.ema_decay", "finetune.ema_decay", "finetune.regression_weight",
+                         "finetune.regression_pairs", "finetune.regression_steps", "evaluate.teacher_guidance")
 
 
 def _field_default(path: str) -> Any:

@@ -8,8 +8,9 @@ from typing import Callable
 from ..config import PipelineConfig
 
 # the config paths every training stage's output depends on besides its own section (compute.dtype matters on GPUs,
-# compute.num_processes is the data-parallel world size); the consistency trainers also read compute.cpu_processes
-TRAINER_READS = ("teacher", "lora", "compute.seed", "compute.dtype", "compute.num_processes")
+# compute.num_processes is the data-parallel world size, compute.lora_forward the float rounding); the consistency
+# trainers also read compute.cpu_processes
+TRAINER_READS = ("teacher", "lora", "compute.seed", "compute.dtype", "compute.num_processes", "compute.lora_forward")
 LORA_STAGES = ("mlcd", "lcd", "finetune")
 
 

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 from ..config import TERM_WEIGHTS, FinetuneConfig, LoRAConfig, PipelineConfig, toy_world
 from ..consistency import adapter_weights, stage_device, write_trained_lora
-from ..lora import ADAPTER, active_adapter, adapters_disabled, attach_lora, load_lora_into, read_lora
+from ..lora import (ADAPTER, active_adapter, adapters_disabled, attach_lora, load_lora_into, read_lora,
+                    set_lora_forward)
 from ..families import family_of
 from ..models import (Conditioning, Denoiser, decode_latents_grad, encode_prompts, latent_shape, load_pipeline,
                       network_of, teacher_denoiser, teacher_grid, teacher_identity)
@@ -361,6 +362,7 @@ def build_finetune(ctx: StageContext, device: torch.device, phases: list[Finetun
         attach_lora(unet, LoRAConfig(rank=fc.fake_rank, alpha=fc.fake_rank, target_modules=cfg.lora.target_modules),
                     adapter_name=FAKE)
         unet.set_adapter(ADAPTER)
+    set_lora_forward(unet, cfg.compute.lora_forward)  # the student's and the fake score's adapters
     heads = discriminator_heads(unet).to(device) if gan else None
     if cfg.compute.gradient_checkpointing:
         family_of(unet).enable_gradient_checkpointing(unet)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..config import PipelineConfig
-from ..lora import adapters_disabled, load_lora_into, read_lora
+from ..lora import adapters_disabled, load_lora_into, read_lora, set_lora_forward
 from ..models import Conditioning, Denoiser, network_of, schedule_of, teacher_identity
 from ..pairs import fill_pair_shards, sample_seed
 from ..samplers import student_clean_latents, teacher_solver
@@ -74,6 +74,7 @@ def run(ctx: StageContext) -> dict:
     def setup(pipe, cond_all, uncond):
         net = network_of(pipe)
         load_lora_into(net, student.state, cfg.lora)
+        set_lora_forward(net, cfg.compute.lora_forward)
         schedule = schedule_of(pipe, cfg.teacher.resolution)
         return lambda start, stop, shape: compute_lcd_shard(cfg, net, schedule, cond_all, uncond, start, stop, shape)
 
@@ -84,6 +85,6 @@ def run(ctx: StageContext) -> dict:
 
 STAGE = Stage("lcd-trajectories", version=2, run=run,
               reads=("teacher", "schedule", "lcd_trajectories", "trajectories.prompts", "trajectories.storage_dtype",
-                     "lora", "compute.seed", "compute.dtype", "compute.cpu_dtype"),
+                     "lora", "compute.seed", "compute.dtype", "compute.cpu_dtype", "compute.lora_forward"),
               uses=("lcd_trajectories.batch_size", "trajectories.batch_size"), inputs=lambda cfg: {"lora": "mlcd"},
               num_shards=lambda cfg: -(-cfg.lcd_trajectories.num_samples // cfg.lcd_trajectories.shard_size))
