@@ -4,6 +4,7 @@ module importing another, tlcm_core free of Prefect, and each stage reading only
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -176,12 +177,14 @@ def test_fields_added_later_are_hashed_only_away_from_their_default():
     from tlcm_core.stages import REGISTRY
 
     stages = "stages=[teacher-trajectories,mlcd,lcd-trajectories,lcd,evaluate]"
-    cfg = load_config("toy-fast", [stages])
+    # each at its default (a typo would raise in _field_default); the toy presets set some of them
+    defaults = [f"{p}={json.dumps(_field_default(p))}" for p in HASHED_UNLESS_DEFAULT]
+    cfg = load_config("toy-fast", [stages] + defaults)
     for path in HASHED_UNLESS_DEFAULT:
-        _field_default(path)  # a field of the config (a typo would raise here)
         assert not any(path in config_slice(stage, cfg) for stage in REGISTRY.values())
+    assert "compute.lora_forward" in config_slice(REGISTRY["mlcd"], load_config("toy-fast", [stages]))  # merged
     base = plan(cfg)
-    bf16 = plan(load_config("toy-fast", [stages, "compute.cpu_dtype=bfloat16"]))
+    bf16 = plan(load_config("toy-fast", [stages] + defaults + ["compute.cpu_dtype=bfloat16"]))
     assert all(bf16[s].fingerprint != base[s].fingerprint for s in base.stages)  # every stage samples or follows one
 
 

@@ -101,7 +101,7 @@ def test_mlcd_trained_merged_makes_the_separate_lora_under_its_own_fingerprint(t
     had before the option, and merged is part of the artifact's record."""
     common = [f"store.url={tmp_path}", "trajectories.num_samples=64", "mlcd.iterations=6", "mlcd.batch_size=8",
               "mlcd.checkpoint_every=100", "mlcd.log_every=3"]
-    sep = load_config("toy-fast", common)
+    sep = load_config("toy-fast", common + ["compute.lora_forward=separate"])  # the default; the toy presets merge
     merged = load_config("toy-fast", common + ["compute.lora_forward=merged"])
     assert plan(sep)["teacher-trajectories"].fingerprint == plan(merged)["teacher-trajectories"].fingerprint
     assert plan(sep)["mlcd"].fingerprint != plan(merged)["mlcd"].fingerprint
