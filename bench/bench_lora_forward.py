@@ -3,8 +3,12 @@ the adapted weight ("merged"), in one process with one thread and in the preset'
 time, its training steps per second, and how far each LoRA is from the one-process separate one (the same function and
 batches: only float rounding should differ).
 The first run samples the teacher's pairs into DIR (about a minute); later runs reuse them.
+`--layers` instead times single LoRA layers of the toy UNet's and SDXL's shapes (forward and backward, one thread)
+and counts the bytes each mode keeps for the backward pass beyond the parameters: where the rank is far below the
+width, merged pays for the adapted weight's full-size gradient and copy without saving much.
 
     python bench/bench_lora_forward.py [--iterations 40] [--rank 64] [--samples 1024] [--work-dir DIR]
+    python bench/bench_lora_forward.py --layers [--rank 64]
 """
 
 from __future__ import annotations
@@ -16,10 +20,69 @@ import time
 
 import torch
 
-from common import report
+from common import report, timed
 from tlcm_core.config import load_config
+from tlcm_core.lora import set_lora_forward
 from tlcm_core.pipeline import open_store, run_pipeline
 from tlcm_core.progress import SilentReporter
+
+
+# (what, layer, input shape): the toy UNet's convs at MLCD's per-process batch of 16, SDXL's at one 1024 px image
+LAYERS = (
+    ("toy UNet, 3x3 conv 32 ch at 16x16, batch 16", lambda: torch.nn.Conv2d(32, 32, 3, padding=1), (16, 32, 16, 16)),
+    ("toy UNet, 3x3 conv 64 ch at 8x8, batch 16", lambda: torch.nn.Conv2d(64, 64, 3, padding=1), (16, 64, 8, 8)),
+    ("toy UNet, 3x3 conv 96 ch at 4x4, batch 16", lambda: torch.nn.Conv2d(96, 96, 3, padding=1), (16, 96, 4, 4)),
+    ("SDXL UNet, 3x3 conv 640 ch at 64x64", lambda: torch.nn.Conv2d(640, 640, 3, padding=1), (1, 640, 64, 64)),
+    ("SDXL UNet, 3x3 conv 1280 ch at 32x32", lambda: torch.nn.Conv2d(1280, 1280, 3, padding=1), (1, 1280, 32, 32)),
+    ("SDXL UNet, attention projection 1280 -> 1280, 1024 tokens", lambda: torch.nn.Linear(1280, 1280),
+     (1, 1024, 1280)),
+)
+
+
+def saved_bytes(net: torch.nn.Module, step) -> int:
+    """Bytes autograd keeps for the backward pass of `step()`, beyond the network's parameters."""
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in seen:  # each storage once
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return total
+
+
+def layer_rows(rank: int, repeats: int) -> list[dict]:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    rows = []
+    for what, make, shape in LAYERS:
+        torch.manual_seed(0)
+        net = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["0"]),
+                                      torch.nn.Sequential(make()))
+        for n, p in net.named_parameters():
+            p.requires_grad_("lora_" in n)  # the base frozen, as in training
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.01)
+        x = torch.randn(shape)
+
+        def step():
+            net.zero_grad(set_to_none=True)
+            net(x).square().mean().backward()
+
+        row = {"layer": what}
+        for mode in ("separate", "merged"):
+            set_lora_forward(net, mode)
+            row[f"{mode}, ms"] = 1000 * timed(step, repeats)
+            row[f"{mode}, saved MB"] = saved_bytes(net, step) / 2**20
+        row["merged / separate time"] = row["merged, ms"] / row["separate, ms"]
+        rows.append(row)
+    return rows
 
 
 def main():
@@ -28,7 +91,16 @@ def main():
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--samples", type=int, default=1024)
     ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "tlcm-bench-lora-forward"))
+    ap.add_argument("--layers", action="store_true", help="time single layers of the toy's and SDXL's shapes")
+    ap.add_argument("--repeats", type=int, default=3, help="with --layers: the best of this many timed steps")
     args = ap.parse_args()
+    if args.layers:
+        torch.set_num_threads(1)
+        report(f"compute.lora_forward, one LoRA layer at rank {args.rank} (forward + backward, one thread, best of "
+               f"{args.repeats})", layer_rows(args.rank, args.repeats),
+               notes="saved MB: what autograd keeps for the backward pass beyond the parameters (the input, and for "
+                     "merged the adapted weight W + B A alpha/r; for separate A's output)")
+        return
     base = ["compute.device=cpu", f"store.url={args.work_dir}", f"trajectories.num_samples={args.samples}",
             f"lora.rank={args.rank}", f"lora.alpha={args.rank}", f"mlcd.iterations={args.iterations}",
             f"mlcd.checkpoint_every={args.iterations + 1}", f"mlcd.log_every={args.iterations}"]

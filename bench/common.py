@@ -19,9 +19,15 @@ def machine() -> str:
 
     cpu = platform.processor() or platform.machine()
     try:
-        model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-        cpu = model
-    except (OSError, StopIteration):
+        info = {}
+        for ln in open("/proc/cpuinfo"):
+            key, _, value = ln.partition(":")
+            info.setdefault(key.strip(), value.strip())
+        # the model name alone ("AMD EPYC") does not tell a Zen 3 from a Zen 4, nor whether bfloat16 is native
+        bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in info.get("flags", "").split()]
+        cpu = (f"{info['model name']} (family {info.get('cpu family', '?')} model {info.get('model', '?')}, "
+               f"{'+'.join(bf16) or 'no native bfloat16'})")
+    except (OSError, KeyError):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{cpu}, {os.cpu_count()} cores, {gpu}; python {platform.python_version()}, torch {torch.__version__}, "
