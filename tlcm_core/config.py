@@ -175,8 +175,8 @@ class ComputeConfig(Section):
     # "separate" is PEFT's (the base op, then the rank-r A and B ops on the input); "merged" is one op on the adapted
     # weight W + B A * alpha / r: the same function up to float rounding, without the A and B ops but with the
     # weight's full-size gradient. Merged is the faster where the rank is near the layers' width (toy-hard's MLCD
-    # step 1.8x on a CPU: rank 64 on 32-128 channels); separate where it is far below (SDXL: rank 64 on 320-1280
-    # channels, and a full-size copy of each adapted weight kept for the backward pass)
+    # 1.7x as fast on a CPU: rank 64 on 32-96 channels); separate where it is far below (an SDXL layer at rank 64 runs
+    # 1.7-3.3x slower merged, and its conv keeps a full-size copy of the adapted weight for the backward pass)
     lora_forward: Literal["separate", "merged"] = "separate"
 
     @field_validator("device")

@@ -244,9 +244,10 @@ def _merged_forward(layer, x, *args, **kwargs):
 def set_lora_forward(net: torch.nn.Module, mode: str) -> int:
     """How the network's LoRA layers (Linear and Conv2d) compute (compute.lora_forward): "separate" is PEFT's (the
     base op, then the rank-r A and B ops on the input); "merged" runs one op on W + B A * alpha / r. Merged saves
-    the A and B ops at the cost of the adapted weight's full-size gradient: ~1.8x faster where the rank is near
-    the layers' width (the toy worlds' rank 64 on 32-128 channels), slower and more memory where it is far below
-    (SDXL's rank 64 on 320-1280). Adapters attached later are covered. Returns the number of layers set."""
+    the A and B ops at the cost of the adapted weight's full-size gradient: toy-hard's MLCD 1.7x as fast on a CPU
+    (rank 64 on 32-96 channels), an SDXL-shaped layer at rank 64 1.7-3.3x slower and its conv keeping up to 6.5x the
+    bytes for the backward pass (bench/bench_lora_forward.py). A set layer reads its active adapters at each call,
+    so a second adapter on it is covered; layers wrapped later need another call. Returns the number of layers set."""
     if mode not in LORA_FORWARDS:
         raise ValueError(f"lora forward {mode!r}; allowed: {', '.join(LORA_FORWARDS)}")
     from peft.tuners.lora import layer as peft_lora
