@@ -91,6 +91,15 @@ def test_merged_follows_adapters_off_a_second_adapter_and_a_deep_copy(unet):
         torch.testing.assert_close(unet(**x).sample, ref, **CLOSE)
 
 
+def test_merged_leaves_autocast_to_peft(unet):
+    """Under autocast the one op would round W + B A alpha/r to bfloat16 and lose most of the small delta; PEFT adds
+    the delta's output instead, so merged must run PEFT's forward there: the same bits."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = unet(**_inputs()).sample
+        set_lora_forward(unet, "merged")
+        torch.testing.assert_close(unet(**_inputs()).sample, ref, rtol=0, atol=0)
+
+
 def test_a_bad_mode_is_refused(unet):
     with pytest.raises(ValueError, match="allowed: separate, merged"):
         set_lora_forward(unet, "fused")

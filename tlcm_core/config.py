@@ -176,7 +176,8 @@ class ComputeConfig(Section):
     # weight W + B A * alpha / r: the same function up to float rounding, without the A and B ops but with the
     # weight's full-size gradient. Merged is the faster where the rank is near the layers' width (toy-hard's MLCD
     # 1.7x as fast on a CPU: rank 64 on 32-96 channels); separate where it is far below (an SDXL layer at rank 64 runs
-    # 1.7-3.3x slower merged, and its conv keeps a full-size copy of the adapted weight for the backward pass)
+    # 1.7-3.3x slower merged, and its conv keeps a full-size copy of the adapted weight for the backward pass).
+    # Under autocast (GPU training in bfloat16/float16) merged runs PEFT's forward
     lora_forward: Literal["separate", "merged"] = "separate"
 
     @field_validator("device")

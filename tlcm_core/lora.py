@@ -224,12 +224,18 @@ def _merged_forward(layer, x, *args, **kwargs):
     """A LoRA layer's forward as one op on the adapted weight, W + sum of the active adapters' B A * alpha / r
     (differentiable in A and B), where PEFT runs the base op and then A and B on the input. The same function up to
     float rounding; PEFT's own forward wherever it differs (adapters off or merged, dropout, a LoRA variant such as
-    DoRA, a per-sample adapter mix, mixed dtypes). Bound to the layer as a method, so a deep copy binds its copy."""
+    DoRA, a per-sample adapter mix, mixed dtypes) and under autocast (GPU training), where the op would cast the
+    full-size W + B A alpha/r to half precision on every call and round away the low bits of a delta small against W
+    (SDXL's alpha/r = 1/8); PEFT keeps the delta's own output. With weights already in bfloat16 (the CPU sampling
+    stages) both forms are as far from float32 on toy-hard's LoRA (0.091 merged, 0.095 PEFT's, of the LoRA's effect
+    on the output; bench/bench_lora_forward.py --precision). Bound to the layer as a method, so a deep copy binds its
+    copy."""
     import torch.nn.functional as F
 
     base = layer.base_layer
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if (args or kwargs or layer.disable_adapters or layer.merged or not active or x.dtype != base.weight.dtype
+            or torch.is_autocast_enabled(x.device.type)
             or any(a in layer.lora_variant or not isinstance(layer.lora_dropout[a], torch.nn.Identity)
                    or layer.lora_A[a].weight.dtype != base.weight.dtype for a in active)):
         return type(layer).forward(layer, x, *args, **kwargs)
