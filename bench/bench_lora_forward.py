@@ -9,6 +9,10 @@ width, merged pays for the adapted weight's full-size gradient and copy without 
 
     python bench/bench_lora_forward.py [--iterations 40] [--rank 64] [--samples 1024] [--work-dir DIR]
     python bench/bench_lora_forward.py --layers [--rank 64]
+    python bench/bench_lora_forward.py --precision --lora STORE/mlcd/<fp>/lora.safetensors
+
+`--precision` measures how far each mode's bfloat16 output (weights and LoRA in bfloat16, as the CPU sampling stages
+load them) is from the float32 one, with a trained toy-hard LoRA, relative to the LoRA's effect on the output.
 """
 
 from __future__ import annotations
@@ -85,6 +89,44 @@ def layer_rows(rank: int, repeats: int) -> list[dict]:
     return rows
 
 
+def precision_rows(lora_path: str, n: int = 16) -> list[dict]:
+    from safetensors.torch import load_file
+
+    from tlcm_core.lora import adapters_disabled, load_lora_into
+    from tlcm_core.models import load_unet
+    from tlcm_core.toy.pipeline import POOLED_DIM, TEXT_DIM
+
+    cfg, state = load_config("toy-hard", []), load_file(lora_path)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(sample=torch.randn(n, 4, 16, 16, generator=g), timestep=torch.randint(1, 1000, (n,), generator=g),
+                  encoder_hidden_states=torch.randn(n, 7, 2 * TEXT_DIM, generator=g),
+                  added_cond_kwargs={"text_embeds": torch.randn(n, POOLED_DIM, generator=g),
+                                     "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]]).repeat(n, 1)})
+
+    def outputs(dtype, mode):
+        net = load_unet(cfg.teacher, torch.device("cpu"), dtype)
+        load_lora_into(net, state, cfg.lora)
+        set_lora_forward(net, mode)
+        cast = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()
+                if k != "added_cond_kwargs"}
+        cast["added_cond_kwargs"] = {k: v.to(dtype) for k, v in inputs["added_cond_kwargs"].items()}
+        with torch.no_grad():
+            out = net(**cast).sample.float()
+            with adapters_disabled(net):
+                return out, net(**cast).sample.float()
+
+    ref, base = outputs(torch.float32, "separate")
+    effect = (ref - base).norm()
+    rows = [{"weights": "float32", "lora_forward": "separate", "|out - float32| / |LoRA's effect|": 0.0,
+             "|LoRA's effect| / |out|": float(effect / ref.norm())}]
+    for mode in ("separate", "merged"):
+        out, _ = outputs(torch.bfloat16, mode)
+        rows.append({"weights": "bfloat16", "lora_forward": mode,
+                     "|out - float32| / |LoRA's effect|": float((out - ref).norm() / effect),
+                     "|LoRA's effect| / |out|": ""})
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iterations", type=int, default=40)
@@ -93,7 +135,17 @@ def main():
     ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "tlcm-bench-lora-forward"))
     ap.add_argument("--layers", action="store_true", help="time single layers of the toy's and SDXL's shapes")
     ap.add_argument("--repeats", type=int, default=3, help="with --layers: the best of this many timed steps")
+    ap.add_argument("--precision", action="store_true", help="bfloat16 outputs of each mode against float32")
+    ap.add_argument("--lora", help="with --precision: a trained toy-hard lora.safetensors")
     args = ap.parse_args()
+    if args.precision:
+        if not args.lora:
+            ap.error("--precision needs --lora STORE/mlcd/<fingerprint>/lora.safetensors (a toy-hard run's)")
+        torch.set_num_threads(1)
+        report("compute.lora_forward in bfloat16 (toy-hard UNet with a trained LoRA, 16 random inputs)",
+               precision_rows(args.lora),
+               notes=f"LoRA {args.lora}; the LoRA's effect is the float32 output with the adapter on less off")
+        return
     if args.layers:
         torch.set_num_threads(1)
         report(f"compute.lora_forward, one LoRA layer at rank {args.rank} (forward + backward, one thread, best of "
