@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from _toy import mlcd_overrides, run_mlcd
 from common import report
 from tlcm_core.config import load_config
 from tlcm_core.pipeline import open_store, run_pipeline
@@ -38,25 +39,17 @@ def main():
     ap.add_argument("--samples", type=int, default=1024)
     ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "tlcm-bench-cpu-processes"))
     args = ap.parse_args()
-    base = ["compute.device=cpu", f"store.url={args.work_dir}", f"trajectories.num_samples={args.samples}",
-            f"mlcd.iterations={args.iterations}", f"mlcd.checkpoint_every={args.iterations + 1}",
-            f"mlcd.log_every={args.iterations}"]
+    base = mlcd_overrides(args.work_dir, args.samples, args.iterations)
     if args.stage == "teacher-trajectories":
         return bench_sampling(args, base)
     run_pipeline(load_config("toy-hard", base), stages=["teacher-trajectories"], reporter=SilentReporter())
     rows, ref = [], None
     for name, overrides in SETTINGS:
-        cfg = load_config("toy-hard", base + overrides)
-        t0 = time.perf_counter()
-        (res,) = run_pipeline(cfg, stages=["mlcd"], force=["mlcd"], reporter=SilentReporter())
-        wall = time.perf_counter() - t0
-        lora = open_store(cfg).artifact("mlcd", res.fingerprint).load_tensors("lora.safetensors")
+        m, lora = run_mlcd(base + overrides, ref)
         ref = ref or lora
-        diff = max(float((lora[k] - ref[k]).abs().max()) for k in ref)
-        scale = max(float(v.abs().max()) for v in ref.values())
-        rows.append({"setting": name, "stage wall, s": wall, "steps/s": res.summary["steps_per_second"],
-                     "speed-up (steps/s)": res.summary["steps_per_second"] / rows[0]["steps/s"] if rows else 1.0,
-                     "max |LoRA - 1 process|": diff, "max |LoRA|": scale})
+        rows.append({"setting": name, "stage wall, s": m["stage wall, s"], "steps/s": m["steps/s"],
+                     "speed-up (steps/s)": m["steps/s"] / rows[0]["steps/s"] if rows else 1.0,
+                     "max |LoRA - 1 process|": m["max |LoRA - ref|"], "max |LoRA|": m["max |LoRA|"]})
     report(f"A training stage on a CPU: threads against processes (toy-hard MLCD, {args.iterations} steps at batch "
            f"32, LoRA rank 64)", rows,
            notes=f"cpu count {os.cpu_count()}; torch {torch.__version__}; the stage's wall time includes loading the "

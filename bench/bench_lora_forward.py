@@ -20,14 +20,14 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import torch
 
+from _toy import mlcd_overrides, run_mlcd
 from common import report, timed
 from tlcm_core.config import load_config
 from tlcm_core.lora import set_lora_forward
-from tlcm_core.pipeline import open_store, run_pipeline
+from tlcm_core.pipeline import run_pipeline
 from tlcm_core.progress import SilentReporter
 
 
@@ -103,24 +103,26 @@ def precision_rows(lora_path: str, n: int = 16) -> list[dict]:
                   added_cond_kwargs={"text_embeds": torch.randn(n, POOLED_DIM, generator=g),
                                      "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]]).repeat(n, 1)})
 
-    def outputs(dtype, mode):
+    def network(dtype):
         net = load_unet(cfg.teacher, torch.device("cpu"), dtype)
         load_lora_into(net, state, cfg.lora)
-        set_lora_forward(net, mode)
         cast = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()
                 if k != "added_cond_kwargs"}
         cast["added_cond_kwargs"] = {k: v.to(dtype) for k, v in inputs["added_cond_kwargs"].items()}
-        with torch.no_grad():
-            out = net(**cast).sample.float()
-            with adapters_disabled(net):
-                return out, net(**cast).sample.float()
+        return net, cast
 
-    ref, base = outputs(torch.float32, "separate")
-    effect = (ref - base).norm()
+    net, cast = network(torch.float32)
+    with torch.no_grad():
+        ref = net(**cast).sample
+        with adapters_disabled(net):
+            effect = (ref - net(**cast).sample).norm()
     rows = [{"weights": "float32", "lora_forward": "separate", "|out - float32| / |LoRA's effect|": 0.0,
              "|LoRA's effect| / |out|": float(effect / ref.norm())}]
+    net, cast = network(torch.bfloat16)
     for mode in ("separate", "merged"):
-        out, _ = outputs(torch.bfloat16, mode)
+        set_lora_forward(net, mode)
+        with torch.no_grad():
+            out = net(**cast).sample.float()
         rows.append({"weights": "bfloat16", "lora_forward": mode,
                      "|out - float32| / |LoRA's effect|": float((out - ref).norm() / effect),
                      "|LoRA's effect| / |out|": ""})
@@ -153,25 +155,19 @@ def main():
                notes="saved MB: what autograd keeps for the backward pass beyond the parameters (the input, and for "
                      "merged the adapted weight W + B A alpha/r; for separate A's output)")
         return
-    base = ["compute.device=cpu", f"store.url={args.work_dir}", f"trajectories.num_samples={args.samples}",
-            f"lora.rank={args.rank}", f"lora.alpha={args.rank}", f"mlcd.iterations={args.iterations}",
-            f"mlcd.checkpoint_every={args.iterations + 1}", f"mlcd.log_every={args.iterations}"]
+    base = mlcd_overrides(args.work_dir, args.samples, args.iterations) + [f"lora.rank={args.rank}",
+                                                                             f"lora.alpha={args.rank}"]
     run_pipeline(load_config("toy-hard", base), stages=["teacher-trajectories"], reporter=SilentReporter())
     rows, ref = [], None
     for procs, mode in ((1, "separate"), (1, "merged"), (2, "separate"), (2, "merged")):
-        cfg = load_config("toy-hard", base + [f"compute.lora_forward={mode}", f"compute.cpu_processes={procs}",
-                                              "compute.num_threads=1"])
-        t0 = time.perf_counter()
-        (res,) = run_pipeline(cfg, stages=["mlcd"], force=["mlcd"], reporter=SilentReporter())
-        wall = time.perf_counter() - t0
-        lora = open_store(cfg).artifact("mlcd", res.fingerprint).load_tensors("lora.safetensors")
+        m, lora = run_mlcd(base + [f"compute.lora_forward={mode}", f"compute.cpu_processes={procs}",
+                                   "compute.num_threads=1"], ref)
         ref = ref or lora
         same = [r for r in rows if r["processes"] == procs]
-        rows.append({"processes": procs, "lora_forward": mode, "stage wall, s": wall,
-                     "steps/s": res.summary["steps_per_second"],
-                     "speed-up over separate": res.summary["steps_per_second"] / same[0]["steps/s"] if same else 1.0,
-                     "max |LoRA - 1 process, separate|": max(float((lora[k] - ref[k]).abs().max()) for k in ref),
-                     "max |LoRA|": max(float(v.abs().max()) for v in ref.values())})
+        rows.append({"processes": procs, "lora_forward": mode, "stage wall, s": m["stage wall, s"],
+                     "steps/s": m["steps/s"],
+                     "speed-up over separate": m["steps/s"] / same[0]["steps/s"] if same else 1.0,
+                     "max |LoRA - 1 process, separate|": m["max |LoRA - ref|"], "max |LoRA|": m["max |LoRA|"]})
     report(f"compute.lora_forward on a CPU (toy-hard MLCD, rank {args.rank}, {args.iterations} steps at batch 32, "
            "one thread per process)", rows,
            notes=f"cpu count {os.cpu_count()}; torch {torch.__version__}; the stage's wall time includes loading "
