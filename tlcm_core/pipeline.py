@@ -163,15 +163,15 @@ def execute(stage: Stage, cfg: PipelineConfig, inputs: dict, out, reporter: Repo
     view = config_view(stage, cfg)
     from .distributed import cpu_processes, launch, world_size
 
-    if stage.sharded and shards is None and cpu_processes(cfg.compute) > 1:
+    local = cpu_processes(cfg.compute) if stage.sharded and shards is None else 1
+    if local > 1:
         from .pairs import shard_marker
         from .shard_processes import fill_in_processes
 
         total = stage.num_shards(cfg)
         missing = [i for i in range(total) if not out.is_done(shard_marker(i))]
         if len(missing) > 1:  # at most one process per shard
-            n = min(cpu_processes(cfg.compute), len(missing))
-            fill_in_processes(cfg, stage.name, inputs, out, missing, total, n, reporter)
+            fill_in_processes(cfg, stage.name, inputs, out, missing, total, min(local, len(missing)), reporter)
     if stage.trains:
         n = world_size(view.compute, stage.splits_on_cpu)
         if n > 1:
